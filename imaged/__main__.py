@@ -1,0 +1,5 @@
+import sys
+
+from imaged.main import main
+
+sys.exit(main())

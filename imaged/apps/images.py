@@ -1,0 +1,179 @@
+"""
+The images API (data plane), wire-compatible with ovirt-imageio's.
+
+Handlers parse and validate the HTTP request, then call imaged.images.
+The session id is the last URL component (before /extents or /checksum).
+"""
+
+import bottle
+
+from .. import blkhash
+from .. import errors
+from .. import images
+from .. import ranges
+from .. import web
+
+PREFIXES = ("/images/",)
+
+
+def make_app(registry, cfg, unix_socket=None):
+    """The images app over `registry`; `unix_socket` is reported in OPTIONS."""
+    app = web.make_app()
+    service = images.Images(registry, cfg, unix_socket=unix_socket)
+    max_body = cfg["sessions"]["max_body_bytes"]
+
+    def conn():
+        return web.connection(bottle.request.environ)
+
+    @web.handles_errors
+    def options(session_id):
+        allow, body = service.options(session_id, conn())
+        response = web.json_response(body)
+        response.set_header("Allow", ",".join(allow))
+        return response
+
+    @web.handles_errors
+    def get(session_id):
+        session = service.session(session_id, "read", conn())
+        header = bottle.request.environ.get("HTTP_RANGE")
+        if header:
+            offset, length = ranges.parse_range(header, session.size)
+        else:
+            offset, length = 0, session.size
+        stream = service.read(session, offset, length, conn())
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(length),
+            "Content-Disposition": "attachment",
+        }
+        status = 200
+        if header:
+            status = 206
+            headers["Content-Range"] = \
+                f"bytes {offset}-{offset + length - 1}/{session.size}"
+        return bottle.HTTPResponse(stream, status=status, **headers)
+
+    @web.handles_errors
+    def put(session_id):
+        environ = bottle.request.environ
+        flush = _flush_param(bottle.request.query.get("flush", "y"))
+        session = service.session(session_id, "write", conn())
+        offset, last = 0, None
+        header = environ.get("HTTP_CONTENT_RANGE")
+        if header:
+            offset, last = ranges.parse_content_range(header)
+        body = web.BodyReader(environ)
+        length = environ.get("CONTENT_LENGTH")
+        if body.chunked:
+            written = service.write_stream(session, offset, body, conn(), flush)
+            if last is not None and last != offset + written - 1:
+                raise errors.BadRequest("body length does not match Content-Range")
+            return bottle.HTTPResponse(status=200, **{"Content-Length": "0"})
+        if not length:
+            raise errors.BadRequest("Content-Length header is required")
+        try:
+            length = int(length)
+        except ValueError:
+            raise errors.BadRequest("invalid Content-Length") from None
+        if length < 0:
+            raise errors.BadRequest("invalid Content-Length")
+        if last is not None and last - offset + 1 != length:
+            raise errors.BadRequest(
+                "Content-Range does not match Content-Length")
+        try:
+            service.write(session, offset, length, body, conn(), flush)
+        except errors.RangeNotSatisfiable:
+            # The body is still on the wire: do not read it.
+            conn().close_after_response = True
+            raise
+        return bottle.HTTPResponse(status=200, **{"Content-Length": "0"})
+
+    @web.handles_errors
+    def patch(session_id):
+        msg = web.read_json(bottle.request.environ, max_body)
+        if not isinstance(msg, dict):
+            raise errors.BadRequest("invalid body: expected a JSON object")
+        op = msg.get("op")
+        if op == "zero":
+            size = _int(msg, "size")
+            offset = _int(msg, "offset", default=0)
+            flush = _bool(msg, "flush", default=False)
+            session = service.session(session_id, "write", conn())
+            service.zero(session, offset, size, conn(), flush)
+        elif op == "flush":
+            session = service.session(session_id, "write", conn())
+            service.flush(session, conn())
+        else:
+            raise errors.BadRequest(
+                f"invalid op: expected 'zero' or 'flush', got {op!r:.40}")
+        return bottle.HTTPResponse(status=200, **{"Content-Length": "0"})
+
+    @web.handles_errors
+    def extents(session_id):
+        query = bottle.request.query
+        context = query.get("context", "zero")
+        if context == "dirty":
+            raise errors.NotFound("dirty extents are not available for this session")
+        if context != "zero":
+            raise errors.BadRequest(f"invalid context: {context!r:.40}")
+        session = service.session(session_id, "read", conn())
+        start = _query_int(query, "start", 0)
+        length = _query_int(query, "length", None)
+        return web.json_response(service.extents(session, conn(), start, length))
+
+    @web.handles_errors
+    def checksum(session_id):
+        query = bottle.request.query
+        algorithm = query.get("algorithm", blkhash.ALGORITHM)
+        block_size = _query_int(query, "block_size", blkhash.BLOCK_SIZE)
+        blkhash.validate(algorithm, block_size)
+        session = service.session(session_id, "read", conn())
+        return web.json_response(
+            service.checksum(session, conn(), algorithm, block_size))
+
+    @web.handles_errors
+    def algorithms(session_id):
+        return web.json_response({"algorithms": blkhash.algorithms()})
+
+    app.route("/images/<session_id>", "OPTIONS", options)
+    app.route("/images/<session_id>", "GET", get)
+    app.route("/images/<session_id>", "PUT", put)
+    app.route("/images/<session_id>", "PATCH", patch)
+    app.route("/images/<session_id>/extents", "GET", extents)
+    app.route("/images/<session_id>/checksum", "GET", checksum)
+    app.route("/images/<session_id>/checksum/algorithms", "GET", algorithms)
+    return app
+
+
+def _flush_param(value):
+    if value not in ("y", "n"):
+        raise errors.BadRequest(f"invalid flush: expected y or n, got {value!r:.20}")
+    return value == "y"
+
+
+def _int(msg, name, default=...):
+    if name not in msg:
+        if default is ...:
+            raise errors.BadRequest(f"missing {name}")
+        return default
+    value = msg[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise errors.BadRequest(
+            f"invalid {name}: expected a non-negative integer, got {value!r:.40}")
+    return value
+
+
+def _bool(msg, name, default):
+    value = msg.get(name, default)
+    if not isinstance(value, bool):
+        raise errors.BadRequest(f"invalid {name}: expected true or false, got {value!r:.40}")
+    return value
+
+
+def _query_int(query, name, default):
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 20:
+        raise errors.BadRequest(f"invalid {name}: expected a non-negative integer")
+    return int(raw)

@@ -1,0 +1,346 @@
+"""
+Configuration: defaults, YAML loading and strict validation.
+
+Every tunable of the daemon and its default lives here. A config file only
+needs to say what differs from the defaults; `listeners` is the one section
+without a useful default outside the shipped config files.
+
+Validation is strict: an unknown key or a bad value raises ConfigError whose
+message starts with the key path, e.g.
+`listeners[1].port: expected an integer 0-65535, got 'abc'`.
+"""
+
+import copy
+import grp
+import os
+
+import yaml
+
+MiB = 1024**2
+
+DEFAULT_FILE = "/etc/imaged/imaged.yaml"
+
+# Apps a listener can mount.
+APPS = ("images", "sessions", "progress")
+LISTENER_KINDS = ("tls", "tcp", "unix")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+DEFAULTS = {
+    "tls": {
+        "cert_file": "/etc/pki/imaged/cert.pem",
+        "key_file": "/etc/pki/imaged/key.pem",
+        "ca_file": None,
+        # Verify client certificates against ca_file on TLS listeners.
+        "verify_clients": False,
+    },
+    "listeners": [],
+    "images": {
+        # 8 MiB was the sweet spot on real storage for ovirt-imageio.
+        "buffer_size_bytes": 8 * MiB,
+        "max_readers": 8,
+        "max_writers": 8,
+        # Concurrent connections using one session.
+        "max_connections_per_session": 32,
+        # Idle client connections are dropped after this; a session's own
+        # inactivity_timeout overrides it.
+        "inactivity_timeout_s": 60,
+        # Open files with O_DIRECT where the file system allows it.
+        "direct_io": True,
+        # When not empty, session urls must be inside one of these
+        # directories (after resolving symlinks).
+        "allowed_dirs": [],
+    },
+    "sessions": {
+        "reaper_interval_s": 1.0,
+        "remove_timeout_s": 60.0,
+        # Cap on control API request bodies.
+        "max_body_bytes": 64 * 1024,
+    },
+    "threads": {
+        # Threads doing blocking disk syscalls for all sessions.
+        "pool_size": 32,
+        # Pool threads one session may hold, so a session on dead storage
+        # cannot stall the others.
+        "per_session": 8,
+    },
+    "server": {
+        # Most concurrent connections per listener.
+        "max_connections": 1000,
+        # Seconds to let running requests finish on shutdown.
+        "stop_timeout_s": 5.0,
+    },
+    "logging": {
+        "level": "INFO",
+        # null: stderr (journald under systemd).
+        "file": None,
+    },
+}
+
+LISTENER_DEFAULTS = {
+    "name": None,
+    "kind": None,
+    "host": "::",
+    "port": None,
+    "path": None,
+    "apps": None,
+    # Mounting `sessions` on a TCP listener that is not loopback is refused
+    # unless this is set.
+    "allow_remote_control": False,
+    # Unix socket file permissions (ignored for abstract sockets).
+    "mode": 0o660,
+    "group": None,
+}
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key path."""
+
+
+def load(path):
+    """Load and validate a YAML config file; returns a plain dict."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    return validate(raw if raw is not None else {}, base_dir=base)
+
+
+def validate(raw, base_dir="."):
+    """
+    Merge `raw` over the defaults and validate every value.
+
+    Relative file paths are resolved against `base_dir` (the directory of the
+    config file), so a lab config can live with its state directory.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"<top>: expected a mapping, got {_show(raw)}")
+    cfg = copy.deepcopy(DEFAULTS)
+    for section, value in raw.items():
+        if section not in DEFAULTS:
+            raise ConfigError(f"{section}: unknown section")
+        if section == "listeners":
+            continue
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {_show(value)}")
+        for key, v in value.items():
+            if key not in DEFAULTS[section]:
+                raise ConfigError(f"{section}.{key}: unknown key")
+            cfg[section][key] = v
+
+    _check_tls(cfg["tls"], base_dir)
+    _check_images(cfg["images"], base_dir)
+    _check_sessions(cfg["sessions"])
+    _check_threads(cfg["threads"])
+    _check_server(cfg["server"])
+    _check_logging(cfg["logging"], base_dir)
+    cfg["listeners"] = _check_listeners(raw.get("listeners"), base_dir)
+    return cfg
+
+
+# Value checkers. Each returns the (possibly normalized) value or raises.
+
+def _show(value):
+    return repr(value)
+
+
+def _int(key, value, lo=None, hi=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected {_range_text('an integer', lo, hi)}, "
+                          f"got {_show(value)}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{key}: expected {_range_text('an integer', lo, hi)}, "
+                          f"got {_show(value)}")
+    return value
+
+
+def _number(key, value, lo=None, hi=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected {_range_text('a number', lo, hi)}, "
+                          f"got {_show(value)}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{key}: expected {_range_text('a number', lo, hi)}, "
+                          f"got {_show(value)}")
+    return value
+
+
+def _range_text(what, lo, hi):
+    if lo is not None and hi is not None:
+        return f"{what} {lo}-{hi}"
+    if lo is not None:
+        return f"{what} >= {lo}"
+    return what
+
+
+def _mode(key, value):
+    # YAML 1.1 reads 0660 as octal; "0o660" and "660" strings are octal too.
+    if isinstance(value, str):
+        text = value[2:] if value.lower().startswith("0o") else value
+        try:
+            value = int(text, 8)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an octal file mode like 0660, "
+                              f"got {value!r}") from None
+    return _int(key, value, 0, 0o777)
+
+
+def _bool(key, value):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
+    return value
+
+
+def _str(key, value, optional=False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {_show(value)}")
+    return value
+
+
+def _path(key, value, base_dir, optional=False):
+    value = _str(key, value, optional=optional)
+    if value is None:
+        return None
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, "
+                          f"got {_show(value)}")
+    return value
+
+
+def _check_tls(tls, base_dir):
+    for key in ("cert_file", "key_file"):
+        tls[key] = _path(f"tls.{key}", tls[key], base_dir)
+    tls["ca_file"] = _path("tls.ca_file", tls["ca_file"], base_dir, optional=True)
+    _bool("tls.verify_clients", tls["verify_clients"])
+    if tls["verify_clients"] and not tls["ca_file"]:
+        raise ConfigError("tls.verify_clients: needs tls.ca_file to verify against")
+
+
+def _check_images(images, base_dir):
+    size = _int("images.buffer_size_bytes", images["buffer_size_bytes"],
+                4096, 64 * MiB)
+    if size % 4096:
+        raise ConfigError(f"images.buffer_size_bytes: expected a multiple of "
+                          f"4096, got {size}")
+    _int("images.max_readers", images["max_readers"], 1, 1024)
+    _int("images.max_writers", images["max_writers"], 1, 1024)
+    _int("images.max_connections_per_session",
+         images["max_connections_per_session"], 1, 100000)
+    _number("images.inactivity_timeout_s", images["inactivity_timeout_s"], 1)
+    _bool("images.direct_io", images["direct_io"])
+    dirs = images["allowed_dirs"]
+    if not isinstance(dirs, list):
+        raise ConfigError(f"images.allowed_dirs: expected a list, got {_show(dirs)}")
+    images["allowed_dirs"] = [
+        os.path.realpath(_path(f"images.allowed_dirs[{i}]", d, base_dir))
+        for i, d in enumerate(dirs)]
+
+
+def _check_sessions(sessions):
+    _number("sessions.reaper_interval_s", sessions["reaper_interval_s"], 0.01, 3600)
+    _number("sessions.remove_timeout_s", sessions["remove_timeout_s"], 0, 3600)
+    _int("sessions.max_body_bytes", sessions["max_body_bytes"], 1024, 16 * MiB)
+
+
+def _check_threads(threads):
+    _int("threads.pool_size", threads["pool_size"], 1, 1024)
+    _int("threads.per_session", threads["per_session"], 1, 1024)
+
+
+def _check_server(server):
+    _int("server.max_connections", server["max_connections"], 1, 100000)
+    _number("server.stop_timeout_s", server["stop_timeout_s"], 0, 600)
+
+
+def _check_logging(logging_, base_dir):
+    level = logging_["level"]
+    if isinstance(level, str):
+        level = level.upper()
+    logging_["level"] = _choice("logging.level", level, LOG_LEVELS)
+    logging_["file"] = _path("logging.file", logging_["file"], base_dir,
+                             optional=True)
+
+
+def _check_listeners(listeners, base_dir):
+    if listeners is None:
+        raise ConfigError("listeners: at least one listener is required")
+    if not isinstance(listeners, list) or not listeners:
+        raise ConfigError(f"listeners: expected a non-empty list, got {_show(listeners)}")
+    result = []
+    names = set()
+    for i, raw in enumerate(listeners):
+        where = f"listeners[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_show(raw)}")
+        lst = dict(LISTENER_DEFAULTS)
+        for key, value in raw.items():
+            if key not in LISTENER_DEFAULTS:
+                raise ConfigError(f"{where}.{key}: unknown key")
+            lst[key] = value
+        lst["name"] = _str(f"{where}.name", lst["name"] or f"listener{i}")
+        if lst["name"] in names:
+            raise ConfigError(f"{where}.name: duplicate listener name {lst['name']!r}")
+        names.add(lst["name"])
+        _check_listener(where, lst, base_dir)
+        result.append(lst)
+    return result
+
+
+def _check_listener(where, lst, base_dir):
+    kind = _choice(f"{where}.kind", lst["kind"], LISTENER_KINDS)
+    apps = lst["apps"]
+    if not isinstance(apps, list) or not apps:
+        raise ConfigError(f"{where}.apps: expected a non-empty list of "
+                          f"{', '.join(APPS)}, got {_show(apps)}")
+    for j, app in enumerate(apps):
+        _choice(f"{where}.apps[{j}]", app, APPS)
+    if len(set(apps)) != len(apps):
+        raise ConfigError(f"{where}.apps: an app is listed twice")
+    _bool(f"{where}.allow_remote_control", lst["allow_remote_control"])
+
+    if kind == "unix":
+        path = _str(f"{where}.path", lst["path"])
+        # A leading NUL names an abstract socket: no file, nothing to resolve.
+        if not path.startswith("\0"):
+            lst["path"] = _path(f"{where}.path", path, base_dir)
+        lst["mode"] = _mode(f"{where}.mode", lst["mode"])
+        if lst["group"] is not None:
+            group = lst["group"]
+            if isinstance(group, int) and not isinstance(group, bool):
+                pass
+            else:
+                _str(f"{where}.group", group)
+                try:
+                    grp.getgrnam(group)
+                except KeyError:
+                    raise ConfigError(f"{where}.group: no such group {group!r}") from None
+        for key in ("port",):
+            if lst[key] is not None:
+                raise ConfigError(f"{where}.{key}: not valid for a unix listener")
+    else:
+        _str(f"{where}.host", lst["host"])
+        _int(f"{where}.port", lst["port"], 0, 65535)
+        if lst["path"] is not None:
+            raise ConfigError(f"{where}.path: not valid for a {kind} listener")
+        if ("sessions" in apps or "progress" in apps) \
+                and not is_loopback(lst["host"]) \
+                and not lst["allow_remote_control"]:
+            raise ConfigError(
+                f"{where}.apps: mounting the control apps (sessions, progress) "
+                f"on non-loopback host {lst['host']!r} needs "
+                f"allow_remote_control: true")
+
+
+def is_loopback(host):
+    """True if `host` only accepts connections from this machine."""
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -1,0 +1,246 @@
+"""
+Operations: the chunk loops that move image data.
+
+Every blocking disk syscall runs in gevent's threadpool through a `Runner`,
+which also bounds how many pool threads one session may hold. Reads overlap
+the disk read of the next chunk with the sending of the current one; writes
+overlap the disk write of a chunk with receiving the next. Two buffers per
+connection make that possible without a copy or an allocation per chunk.
+
+Each loop calls `op.check()` between chunks, so a canceled session stops a
+transfer within one chunk, and reports progress through `op.progress()`.
+"""
+
+import gevent
+
+from . import blkhash
+from . import errors
+from . import util
+
+# Zero requests are split so that cancellation and progress stay responsive
+# even when the file system zeroes gigabytes in one call.
+ZERO_STEP_BYTES = 1024**3
+
+
+class Runner:
+    """Runs blocking calls in the threadpool, at most `slots` at once."""
+
+    def __init__(self, slots):
+        self._slots = slots
+        self._pool = gevent.get_hub().threadpool
+
+    def run(self, func, *args):
+        """Run func(*args) in a pool thread and wait for it."""
+        with self._slots:
+            return self._pool.apply(func, args)
+
+    def submit(self, func, *args):
+        """Start func(*args) in a pool thread; returns an AsyncResult."""
+        self._slots.acquire()
+        try:
+            result = self._pool.spawn(func, *args)
+        except BaseException:
+            self._slots.release()
+            raise
+        result.rawlink(lambda _: self._slots.release())
+        return result
+
+
+def _wait_quietly(result):
+    # A pool thread may still be using a buffer: wait before the buffer is
+    # reused or released, whatever happened to the request.
+    if result is not None:
+        try:
+            result.get()
+        except BaseException:
+            pass
+
+
+def read(backend, runner, op, offset, length, buffers):
+    """
+    Yield the image bytes of [offset, offset + length) as memoryviews.
+
+    A yielded view is valid until the next iteration. The next chunk is read
+    while the caller sends the current one.
+    """
+    chunk = len(buffers[0])
+    end = offset + length
+
+    def submit(i, pos):
+        view = buffers[i][:min(chunk, end - pos)]
+        return runner.submit(backend.readinto, pos, view), view
+
+    pending = submit(0, offset) if length else None
+    pos, i = offset, 0
+    try:
+        while pending is not None:
+            result, view = pending
+            pending = None
+            count = result.get()
+            if count < len(view):
+                raise errors.StorageError(
+                    f"image ends at {pos + count}, before the session size")
+            op.check()
+            pos += count
+            i = 1 - i
+            if pos < end:
+                pending = submit(i, pos)
+            yield view
+            op.progress(count)
+    finally:
+        if pending is not None:
+            _wait_quietly(pending[0])
+
+
+def write(backend, runner, op, offset, length, body, buffers, flush):
+    """
+    Write `length` bytes from `body` (see web.BodyReader) at `offset`.
+
+    The next chunk is received while the previous one is written. Returns
+    only when every byte is written, and flushed if `flush`.
+    """
+    chunk = len(buffers[0])
+    pending = None
+    pos, remaining, i = offset, length, 0
+    try:
+        while remaining:
+            view = buffers[i][:min(chunk, remaining)]
+            body.readinto_exactly(view)
+            op.check()
+            if pending is not None:
+                done = pending.get()
+                pending = None
+                op.progress(done)
+            pending = runner.submit(backend.write, pos, view)
+            pos += len(view)
+            remaining -= len(view)
+            i = 1 - i
+        if pending is not None:
+            done = pending.get()
+            pending = None
+            op.progress(done)
+        op.check()
+        if flush:
+            runner.run(backend.flush)
+    finally:
+        _wait_quietly(pending)
+
+
+def write_stream(backend, runner, op, offset, limit, body, buffers, flush):
+    """
+    Write a body of unknown length (chunked encoding) at `offset`.
+
+    Refuses to write past `limit`. Returns the number of bytes written.
+    """
+    chunk = len(buffers[0])
+    pos = offset
+    while True:
+        view = buffers[0][:chunk]
+        count = body.readinto_some(view)
+        if not count:
+            break
+        if pos + count > limit:
+            raise errors.RangeNotSatisfiable(
+                f"body goes past the end of the image at {limit}", limit)
+        op.check()
+        done = runner.run(backend.write, pos, view[:count])
+        op.progress(done)
+        pos += count
+    op.check()
+    if flush:
+        runner.run(backend.flush)
+    return pos - offset
+
+
+def zero(backend, runner, op, offset, length, flush):
+    """Zero [offset, offset + length) in steps, then flush if asked."""
+    pos, end = offset, offset + length
+    while pos < end:
+        op.check()
+        step = min(ZERO_STEP_BYTES, end - pos)
+        runner.run(backend.zero, pos, step)
+        op.progress(step)
+        pos += step
+    if flush:
+        runner.run(backend.flush)
+
+
+def flush(backend, runner, op):
+    op.check()
+    runner.run(backend.flush)
+
+
+def extents(backend, runner, size, start, length):
+    """
+    Extents of [start, start + length), clipped to the session `size`.
+
+    A part of the session beyond the end of the file reads as zeroes in no
+    format we know, but listing must cover the window: it is reported as a
+    zero extent, and reading it fails.
+    """
+    end = min(start + length, size)
+
+    def collect():
+        result = []
+        covered = start
+        for ext in backend.extents(start, end - start):
+            if ext.start >= end:
+                break
+            ext_end = min(ext.start + ext.length, end)
+            result.append(_extent(ext.start, ext_end - ext.start, ext.zero, ext.hole))
+            covered = ext_end
+        if covered < end:
+            _append(result, _extent(covered, end - covered, True, False))
+        return result
+
+    return runner.run(collect)
+
+
+def _extent(start, length, zero, hole):
+    return {"start": start, "length": length, "zero": zero, "hole": hole}
+
+
+def _append(result, ext):
+    last = result[-1] if result else None
+    if last and last["zero"] == ext["zero"] and last["hole"] == ext["hole"] \
+            and last["start"] + last["length"] == ext["start"]:
+        last["length"] += ext["length"]
+    else:
+        result.append(ext)
+
+
+def checksum(backend, runner, op, size, algorithm, block_size, buf):
+    """
+    The block checksum of [0, size) (see imaged.blkhash).
+
+    Zero extents are hashed with a precomputed digest and never read; data
+    blocks that turn out to be all zeroes are hashed the same way.
+    """
+    h = blkhash.Hash(block_size, algorithm)
+    exts = runner.run(lambda: list(backend.extents(0, size)))
+    # Past the end of the file the image has no data to read: see extents().
+    covered = exts[-1].start + exts[-1].length if exts else 0
+    if covered < size:
+        from .backends import Extent
+        exts.append(Extent(covered, size - covered, True, False))
+
+    def hash_block(start, length):
+        view = buf[:length]
+        count = backend.readinto(start, view)
+        if count < length:
+            raise errors.StorageError(
+                f"image ends at {start + count}, before the session size")
+        if util.is_zero(view):
+            h.zero(length)
+        else:
+            h.update(view)
+
+    for start, length, is_zero in blkhash.split(exts, block_size):
+        op.check()
+        if is_zero:
+            h.zero(length)
+        else:
+            runner.run(hash_block, start, length)
+        op.progress(length)
+    return {"algorithm": algorithm, "block_size": block_size,
+            "checksum": h.hexdigest()}

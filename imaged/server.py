@@ -1,0 +1,291 @@
+"""
+Listeners: sockets, TLS and one gevent WSGIServer per listener.
+
+pywsgi needs help for a streaming daemon (see NOTES in the docs):
+
+- `Handler` keeps a `web.Connection` per client connection in the environ,
+  closes it when the connection ends, and drops idle connections through the
+  socket timeout (pywsgi has no inactivity timeout of its own).
+- `Input` skips pywsgi's draining of an unread request body when the app
+  asked to close the connection: an early 403 to a 100 GiB PUT must not read
+  100 GiB.
+- Servers spawn from a `gevent.pool.Pool`, so `stop()` kills the handlers
+  still running.
+"""
+
+import errno
+import grp
+import logging
+import os
+import socket
+import ssl
+
+from gevent import pool
+from gevent import pywsgi
+
+from . import config
+from . import web
+
+log = logging.getLogger("server")
+
+
+class Input(pywsgi.Input):
+    """Request body that is not drained when the connection will close."""
+
+    __slots__ = ("handler",)
+
+    def _discard(self):
+        if self.handler.close_connection or self.handler.connection.close_after_response:
+            self.handler.close_connection = True
+            return
+        super()._discard()
+
+
+class Handler(pywsgi.WSGIHandler):
+    """WSGI handler with per-connection state."""
+
+    inactivity_timeout_s = None
+
+    def handle(self):
+        self.connection = web.Connection(
+            self.socket, inactivity_timeout_s=self.inactivity_timeout_s)
+        if self.inactivity_timeout_s:
+            self.socket.settimeout(self.inactivity_timeout_s)
+        try:
+            super().handle()
+        except socket.timeout:
+            log.debug("dropping idle connection from %s", self._client())
+        finally:
+            self.connection.close()
+
+    def _client(self):
+        addr = self.client_address
+        return addr[0] if isinstance(addr, tuple) else "local"
+
+    def get_environ(self):
+        env = super().get_environ()
+        # Replace pywsgi's Input with ours, reading the same stream.
+        old = self.wsgi_input
+        new = Input(old.rfile, old.content_length, socket=old.socket,
+                    chunked_input=old.chunked_input)
+        new.handler = self
+        self.wsgi_input = new
+        if env.get("wsgi.input") is old:
+            env["wsgi.input"] = new
+        env[web.CONNECTION_KEY] = self.connection
+        return env
+
+    def handle_one_response(self):
+        super().handle_one_response()
+        if self.connection.close_after_response:
+            self.close_connection = True
+
+    def read_requestline(self):
+        try:
+            return super().read_requestline()
+        except socket.timeout:
+            # Idle keep-alive connection: end it quietly.
+            return None
+
+    def log_request(self):
+        # The access log would show session ids in URLs; request logging
+        # happens in the apps, with ids shortened.
+        pass
+
+    def log_error(self, msg, *args):
+        # pywsgi's messages quote the request line, which holds the session
+        # id: log only that a client sent something invalid.
+        log.warning("invalid request from %s", self._client())
+
+    def _log_error(self, t, v, tb):
+        # pywsgi would print the environ (session id in PATH_INFO).
+        log.error("request failed: %s: %s", t.__name__, v, exc_info=(t, v, tb))
+
+
+class Dispatcher:
+    """A WSGI app sending each request to the app mounted for its prefix."""
+
+    def __init__(self, apps):
+        # apps: {"/images/": wsgi_app, ...}
+        self._apps = sorted(apps.items(), key=lambda kv: -len(kv[0]))
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        for prefix, app in self._apps:
+            if path.startswith(prefix) or path == prefix.rstrip("/"):
+                return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                         ("Content-Length", "17")])
+        return [b"No such resource\n"]
+
+
+def make_ssl_context(tls):
+    """A server TLS context: TLS 1.2 minimum, modern AEAD ciphers only."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.2 suites with forward secrecy and AEAD; TLS 1.3 suites are
+    # all fine and not affected by set_ciphers.
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!MD5:!DSS")
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    ctx.load_cert_chain(tls["cert_file"], tls["key_file"])
+    if tls["ca_file"]:
+        ctx.load_verify_locations(tls["ca_file"])
+    if tls.get("verify_clients"):
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def bind(lst):
+    """Create and bind the listening socket for a listener config."""
+    if lst["kind"] == "unix":
+        return _bind_unix(lst)
+    return _bind_tcp(lst["host"], lst["port"])
+
+
+def _bind_tcp(host, port):
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC,
+                               socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host in ("::", ""):
+            # "::" means all addresses, IPv4 included.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_unix(lst):
+    path = lst["path"]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not path.startswith("\0"):
+            _remove_stale(path)
+            # Create the socket without access for others, then relax it to
+            # the configured mode: no window where it is too open.
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old_umask)
+            if lst["group"] is not None:
+                gid = lst["group"] if isinstance(lst["group"], int) \
+                    else grp.getgrnam(lst["group"]).gr_gid
+                os.chown(path, -1, gid)
+            os.chmod(path, lst["mode"])
+        else:
+            sock.bind(path)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _remove_stale(path):
+    """Remove a socket file left by a daemon that did not exit cleanly."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    import stat
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
+
+
+class Listener:
+    """One configured listener: its socket and its WSGIServer."""
+
+    def __init__(self, lst, app, tls, cfg):
+        self.config = lst
+        self.name = lst["name"]
+        self.sock = bind(lst)
+        ssl_context = make_ssl_context(tls) if lst["kind"] == "tls" else None
+
+        handler = type("Handler", (Handler,), {
+            "inactivity_timeout_s": cfg["images"]["inactivity_timeout_s"]})
+        tls_args = {"ssl_context": ssl_context} if ssl_context else {}
+        self.server = _Server(
+            self.sock, app,
+            handler_class=handler,
+            spawn=pool.Pool(cfg["server"]["max_connections"]),
+            log=None,
+            error_log=_ErrorLog(),
+            **tls_args)
+        if lst["kind"] == "tcp":
+            log.warning("listener %s: plain TCP without TLS, for labs and tests only",
+                        self.name)
+
+    @property
+    def address(self):
+        """Where clients connect: (host, port) or a unix socket path."""
+        if self.config["kind"] == "unix":
+            return self.config["path"]
+        return self.sock.getsockname()[:2]
+
+    def start(self):
+        self.server.start()
+        log.info("listener %s (%s) serving %s on %s", self.name,
+                 self.config["kind"], ",".join(self.config["apps"]),
+                 _show_address(self.address))
+
+    def stop(self, timeout):
+        self.server.stop(timeout=timeout)
+        path = self.config.get("path")
+        if self.config["kind"] == "unix" and not path.startswith("\0"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def _show_address(addr):
+    if isinstance(addr, str):
+        return "@" + addr[1:] if addr.startswith("\0") else addr
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+class _Server(pywsgi.WSGIServer):
+    """WSGIServer with a deadline on the TLS handshake and quiet failures."""
+
+    def wrap_socket_and_handle(self, client_socket, address):
+        # A client that connects and never speaks must not hold a greenlet
+        # and a socket forever.
+        client_socket.settimeout(self.handler_class.inactivity_timeout_s)
+        try:
+            ssl_socket = self.wrap_socket(client_socket, **self.ssl_args)
+        except (ssl.SSLError, OSError) as e:
+            log.debug("TLS handshake failed: %s", e)
+            client_socket.close()
+            return
+        with ssl_socket:
+            return self.handle(ssl_socket, address)
+
+
+class _ErrorLog:
+    """pywsgi error log into our logging, without request details."""
+
+    def write(self, msg):
+        msg = msg.strip()
+        if msg:
+            log.error("%s", msg)
+
+    def flush(self):
+        pass
+
+
+__all__ = ["Listener", "Dispatcher", "make_ssl_context", "config"]

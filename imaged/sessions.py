@@ -1,0 +1,497 @@
+"""
+Sessions: what a client may do with which image, for how long.
+
+The host agent adds a session through the control API; the images service
+looks it up by id for every request and runs its operations under it.
+Sessions live only in memory: after a restart the engine installs new ones.
+
+A session knows its running operations, so that removing or expiring it can
+cancel them and wait until they stop. Operations check `Operation.check()`
+between chunks; a canceled operation also gets its `on_cancel` callback
+called (the images service closes the client connection there, which wakes a
+greenlet blocked on a slow client at once).
+"""
+
+import logging
+import re
+import time
+import urllib.parse
+
+import gevent
+import gevent.event
+import gevent.lock
+
+from . import errors
+from .ranges import RangeSet
+
+log = logging.getLogger("sessions")
+
+OPS = ("read", "write")
+
+# Fields the engine gives; everything else in a session is state.
+_SPEC_FIELDS = ("uuid", "url", "size", "ops", "timeout", "sparse",
+                "inactivity_timeout", "transfer_id")
+
+# Session ids go into URLs as the last path component.
+_ID_RE = re.compile(r"^[A-Za-z0-9._~-]{1,128}$")
+
+# Seconds; an id this short is never shown whole in logs.
+_SHOWN_ID_CHARS = 8
+
+
+def check_id(session_id):
+    """Raise BadRequest unless `session_id` can name a session."""
+    if not isinstance(session_id, str) or not _ID_RE.match(session_id):
+        raise errors.BadRequest(
+            "invalid session id: expected 1-128 characters of A-Z a-z 0-9 . _ ~ -")
+
+
+def short_id(session_id):
+    """What logs may show of a secret session id."""
+    return session_id[:_SHOWN_ID_CHARS] + "..."
+
+
+def parse_spec(session_id, body):
+    """
+    Validate a session description from the engine.
+
+    Returns a normalized dict of the engine's fields. Raises BadRequest with
+    a message naming the field.
+    """
+    check_id(session_id)
+    if not isinstance(body, dict):
+        raise errors.BadRequest("invalid session: expected a JSON object")
+    for key in body:
+        if key not in _SPEC_FIELDS:
+            raise errors.BadRequest(f"invalid session: unknown field {key!r}")
+
+    uuid = body.get("uuid", session_id)
+    if uuid != session_id:
+        raise errors.BadRequest("invalid uuid: must equal the id in the URL")
+
+    spec = {"uuid": session_id}
+    spec["url"] = _url(body)
+    spec["size"] = integer_field(body, "size", minval=0)
+    spec["ops"] = _ops(body)
+    spec["timeout"] = integer_field(body, "timeout", minval=0)
+    spec["sparse"] = _boolean(body, "sparse", default=False)
+    spec["inactivity_timeout"] = integer_field(
+        body, "inactivity_timeout", minval=1, default=None)
+    transfer_id = body.get("transfer_id")
+    if transfer_id is not None and (not isinstance(transfer_id, str)
+                                    or len(transfer_id) > 256):
+        raise errors.BadRequest("invalid transfer_id: expected a string")
+    spec["transfer_id"] = transfer_id
+    return spec
+
+
+def _missing(name):
+    return errors.BadRequest(f"missing {name}: required field")
+
+
+def integer_field(body, name, minval=None, default=...):
+    if name not in body:
+        if default is ...:
+            raise _missing(name)
+        return default
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.BadRequest(f"invalid {name}: expected an integer, got {value!r:.40}")
+    if minval is not None and value < minval:
+        raise errors.BadRequest(f"invalid {name}: must be >= {minval}, got {value}")
+    if value > 2**63 - 1:
+        raise errors.BadRequest(f"invalid {name}: too large")
+    return value
+
+
+def _boolean(body, name, default):
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise errors.BadRequest(f"invalid {name}: expected true or false, got {value!r:.40}")
+    return value
+
+
+def _ops(body):
+    if "ops" not in body:
+        raise _missing("ops")
+    ops = body["ops"]
+    if not isinstance(ops, list) or not ops or \
+            any(op not in OPS for op in ops):
+        raise errors.BadRequest(
+            f"invalid ops: expected a non-empty list of 'read', 'write', got {ops!r:.60}")
+    # Keep a stable order so an identical re-add compares equal.
+    return [op for op in OPS if op in ops]
+
+
+def _url(body):
+    if "url" not in body:
+        raise _missing("url")
+    url = body["url"]
+    if not isinstance(url, str):
+        raise errors.BadRequest("invalid url: expected a string")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") \
+            or parsed.query or parsed.fragment:
+        raise errors.BadRequest("invalid url: expected file:///absolute/path")
+    path = urllib.parse.unquote(parsed.path)
+    if not path.startswith("/") or "\0" in path:
+        raise errors.BadRequest("invalid url: expected file:///absolute/path")
+    return url
+
+
+def url_path(url):
+    """The local path of a validated `file://` session url."""
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).path)
+
+
+class Operation:
+    """
+    One running GET/PUT/PATCH/checksum on a session.
+
+    `done` grows as bytes are moved; `check()` raises Canceled once the
+    session is gone, so loops stop within one chunk.
+    """
+
+    def __init__(self, kind, offset=0, length=0, on_cancel=None):
+        self.kind = kind
+        self.offset = offset
+        self.length = length
+        self.done = 0
+        self.started = time.monotonic()
+        self.on_cancel = on_cancel
+        self.canceled = False
+        self.session = None
+
+    def check(self):
+        if self.canceled:
+            raise errors.Canceled("session was canceled, expired or removed")
+
+    def progress(self, count):
+        """Record `count` more bytes done."""
+        self.done += count
+        if self.session is not None:
+            self.session.touch()
+
+    def cancel(self):
+        if self.canceled:
+            return
+        self.canceled = True
+        if self.on_cancel is not None:
+            try:
+                self.on_cancel()
+            except Exception:
+                log.exception("on_cancel of %s operation failed", self.kind)
+
+    def info(self):
+        return {
+            "kind": self.kind,
+            "offset": self.offset,
+            "length": self.length,
+            "done": self.done,
+        }
+
+
+class Session:
+    """An authorization to read and/or write one image for a while."""
+
+    # Operations that move image data count as transferred.
+    _COUNTED = ("read", "write", "zero")
+
+    def __init__(self, spec, clock=time.monotonic, threads=8):
+        self._clock = clock
+        self.spec = spec
+        self.id = spec["uuid"]
+        self.url = spec["url"]
+        self.size = spec["size"]
+        self.ops = spec["ops"]
+        self.sparse = spec["sparse"]
+        self.inactivity_timeout = spec["inactivity_timeout"]
+        self.transfer_id = spec["transfer_id"]
+        self.expires = clock() + spec["timeout"]
+        self.canceled = False
+        self.connections = 0
+        self._operations = set()
+        self._done = RangeSet()
+        self._idle = gevent.event.Event()
+        self._idle.set()
+        self._last_activity = clock()
+        # Throughput samples: (time, total bytes done), for progress.
+        self._samples = []
+        # Shared by every connection of the session: read-modify-write of an
+        # unaligned edge block must not race with a neighbour's write.
+        self.rmw_lock = None
+        # Pool threads this session may hold: a session on dead storage
+        # must not take every thread of the pool.
+        self.thread_slots = gevent.lock.BoundedSemaphore(threads)
+
+    @property
+    def name(self):
+        """What logs show for this session: never the secret id."""
+        return self.transfer_id or short_id(self.id)
+
+    def may(self, op):
+        """A write session may also read, as in ovirt-imageio."""
+        if op == "read":
+            return "read" in self.ops or "write" in self.ops
+        return op in self.ops
+
+    def authorize(self, op):
+        """Raise Forbidden unless the session is usable for `op`."""
+        if self.canceled:
+            raise errors.Forbidden("session was canceled")
+        if self.expired():
+            raise errors.Forbidden("session expired")
+        if not self.may(op):
+            raise errors.Forbidden(f"session does not allow {op}")
+
+    def expired(self):
+        return self._clock() >= self.expires
+
+    def extend(self, timeout):
+        self.expires = self._clock() + timeout
+
+    def touch(self):
+        self._last_activity = self._clock()
+
+    def idle_time(self):
+        if self._operations:
+            return 0.0
+        return self._clock() - self._last_activity
+
+    @property
+    def active(self):
+        return bool(self._operations)
+
+    def add_operation(self, op):
+        """Start tracking `op`; raises Forbidden if the session is unusable."""
+        if self.canceled:
+            raise errors.Forbidden("session was canceled")
+        if self.expired():
+            raise errors.Forbidden("session expired")
+        op.session = self
+        self._operations.add(op)
+        self._idle.clear()
+        self.touch()
+
+    def remove_operation(self, op):
+        if op not in self._operations:
+            return
+        self._operations.discard(op)
+        if op.kind in self._COUNTED and op.done:
+            self._done.add(op.offset, op.offset + op.done)
+        self.touch()
+        if not self._operations:
+            self._idle.set()
+
+    def count_operations(self, kinds):
+        return sum(1 for op in self._operations if op.kind in kinds)
+
+    def operations(self):
+        return list(self._operations)
+
+    def transferred(self):
+        """Bytes moved by finished and ongoing operations, counted once."""
+        ongoing = [(op.offset, op.offset + op.done)
+                   for op in self._operations
+                   if op.kind in self._COUNTED and op.done]
+        return self._done.total(extra=ongoing)
+
+    def cancel(self):
+        """Cancel the session and every running operation."""
+        self.canceled = True
+        for op in list(self._operations):
+            op.cancel()
+
+    def wait_idle(self, timeout):
+        """Wait until no operation runs; returns False on timeout."""
+        return self._idle.wait(timeout)
+
+    def throughput(self, window_s=5.0):
+        """Bytes per second over the last `window_s` seconds."""
+        now = self._clock()
+        total = self.transferred()
+        self._samples.append((now, total))
+        while len(self._samples) > 2 and self._samples[1][0] < now - window_s:
+            self._samples.pop(0)
+        t0, b0 = self._samples[0]
+        if now - t0 <= 0:
+            return 0.0
+        return (total - b0) / (now - t0)
+
+    def info(self):
+        """The control API view of the session."""
+        d = dict(self.spec)
+        if d["inactivity_timeout"] is None:
+            del d["inactivity_timeout"]
+        if d["transfer_id"] is None:
+            del d["transfer_id"]
+        d.update({
+            "expires": self.expires,
+            "active": self.active,
+            "transferred": self.transferred(),
+            "connections": self.connections,
+            "idle_time": round(self.idle_time(), 3),
+            "canceled": self.canceled,
+        })
+        return d
+
+
+class Registry:
+    """All sessions of the daemon, by id."""
+
+    def __init__(self, remove_timeout_s=60.0, clock=time.monotonic,
+                 lock_factory=None, threads_per_session=8):
+        self._sessions = {}
+        self._threads_per_session = threads_per_session
+        self._clock = clock
+        self.remove_timeout_s = remove_timeout_s
+        self._lock_factory = lock_factory
+
+    def add(self, spec):
+        """
+        Add a session from a validated spec (see parse_spec).
+
+        Re-adding the same id with identical content only renews the
+        timeout; with other content it raises Conflict.
+        """
+        sid = spec["uuid"]
+        old = self._sessions.get(sid)
+        if old is not None and not old.canceled:
+            if _same(old.spec, spec):
+                old.extend(spec["timeout"])
+                return old
+            raise errors.Conflict("a session with this id exists with other content")
+        session = Session(spec, clock=self._clock,
+                          threads=self._threads_per_session)
+        if self._lock_factory is not None:
+            session.rmw_lock = self._lock_factory()
+        self._sessions[sid] = session
+        log.info("session %s added: ops=%s size=%d timeout=%d",
+                 session.name, ",".join(session.ops), session.size,
+                 spec["timeout"])
+        return session
+
+    def get(self, session_id):
+        """Return a live session or raise NotFound."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise errors.NotFound("no such session")
+        return session
+
+    def authorize(self, session_id, op):
+        """
+        Return the session if it allows `op` now.
+
+        Unknown, expired and canceled sessions all answer Forbidden for the
+        images service: a stranger learns nothing from the status.
+        """
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise errors.Forbidden("no such session, or it expired")
+        session.authorize(op)
+        return session
+
+    def extend(self, session_id, timeout):
+        session = self.get(session_id)
+        session.extend(timeout)
+        log.info("session %s extended by %d s", session.name, timeout)
+        return session
+
+    def remove(self, session_id):
+        """
+        Remove a session, cancel its operations and wait for them to stop.
+
+        Unknown ids are fine (DELETE is idempotent). Raises Conflict if the
+        operations do not stop within remove_timeout_s; the session stays
+        canceled and is removed once they stop.
+        """
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        self._cancel_and_wait(session)
+
+    def remove_all(self):
+        """Remove every session; raises Conflict if some did not stop."""
+        busy = 0
+        for session in list(self._sessions.values()):
+            try:
+                self._cancel_and_wait(session)
+            except errors.Conflict:
+                busy += 1
+        if busy:
+            raise errors.Conflict(f"{busy} sessions still have running operations")
+
+    def _cancel_and_wait(self, session):
+        session.cancel()
+        if not session.wait_idle(self.remove_timeout_s):
+            log.warning("session %s: operations did not stop within %s s",
+                        session.name, self.remove_timeout_s)
+            gevent.spawn(self._remove_when_idle, session)
+            raise errors.Conflict("session operations did not stop in time")
+        self._drop(session)
+
+    def _remove_when_idle(self, session):
+        session.wait_idle(None)
+        self._drop(session)
+
+    def _drop(self, session):
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+            log.info("session %s removed, transferred=%d",
+                     session.name, session.transferred())
+
+    def sessions(self):
+        return list(self._sessions.values())
+
+    def reap(self):
+        """Cancel and drop expired sessions; returns how many expired."""
+        count = 0
+        for session in list(self._sessions.values()):
+            if session.expired() and session.id in self._sessions:
+                log.info("session %s expired", session.name)
+                session.cancel()
+                count += 1
+                if session.active:
+                    gevent.spawn(self._remove_when_idle, session)
+                else:
+                    self._drop(session)
+        return count
+
+    def cancel_all(self):
+        """Cancel every session's operations (daemon shutdown)."""
+        for session in list(self._sessions.values()):
+            session.cancel()
+
+    def __len__(self):
+        return len(self._sessions)
+
+
+def _same(a, b):
+    # A timeout difference is a renewal, not other content.
+    return {k: v for k, v in a.items() if k != "timeout"} == \
+        {k: v for k, v in b.items() if k != "timeout"}
+
+
+class Reaper:
+    """A greenlet removing expired sessions every `interval_s` seconds."""
+
+    def __init__(self, registry, interval_s):
+        self._registry = registry
+        self._interval_s = interval_s
+        self._greenlet = None
+
+    def start(self):
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self):
+        if self._greenlet is not None:
+            self._greenlet.kill()
+            self._greenlet = None
+
+    def _run(self):
+        while True:
+            gevent.sleep(self._interval_s)
+            try:
+                self._registry.reap()
+            except Exception:
+                log.exception("reaping sessions failed")

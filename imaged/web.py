@@ -1,0 +1,257 @@
+"""
+Glue between Bottle and the rest of imaged.
+
+- `make_app()` builds a Bottle app whose errors are short plain-text bodies.
+- `handles_errors` maps imaged.errors classes to HTTP statuses, in one place.
+- `read_json()` reads a small JSON body with a cap, without Bottle's
+  buffering of large bodies.
+- `Connection` is the per-connection state the server puts into the WSGI
+  environ (see imaged.server); tests without a server get a detached one.
+"""
+
+import functools
+import json
+import logging
+import socket
+
+import bottle
+
+from . import errors
+
+log = logging.getLogger("web")
+
+CONNECTION_KEY = "imaged.connection"
+
+
+def make_app():
+    """A Bottle app answering its own errors (404, 405, 500) in plain text."""
+    app = bottle.Bottle(catchall=True, autojson=False)
+    app.default_error_handler = _plain_error
+    return app
+
+
+def _plain_error(res):
+    bottle.response.content_type = "text/plain; charset=utf-8"
+    if res.status_code == 500:
+        # Bottle's own catchall: the exception is logged, not shown.
+        if res.exception is not None:
+            log.error("unhandled error: %s\n%s", res.exception, res.traceback)
+        return "Internal server error\n"
+    if res.status_code == 404:
+        return "No such resource\n"
+    if res.status_code == 405:
+        return "Method not allowed\n"
+    return f"{res.body}\n"
+
+
+def handles_errors(func):
+    """
+    Turn imaged.errors into HTTP responses with a short text body.
+
+    Any other exception is a server fault: logged with its traceback, and
+    answered 500 without details.
+    """
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except bottle.HTTPResponse:
+            raise
+        except errors.Error as e:
+            return error_response(e)
+        except Exception:
+            log.exception("internal error in %s", func.__name__)
+            return error_response(errors.ServerError("Internal server error"))
+    return wrapper
+
+
+def error_response(e, close=False):
+    """An HTTPResponse for an imaged.errors.Error."""
+    headers = {"Content-Type": "text/plain; charset=utf-8"}
+    if isinstance(e, errors.RangeNotSatisfiable) and e.size is not None:
+        headers["Content-Range"] = f"bytes */{e.size}"
+    if e.status == 403 or close or isinstance(e, ClientGone):
+        # A refused client may be sending a huge body: close instead of
+        # reading it all (see imaged.server.Input).
+        headers["Connection"] = "close"
+        conn = bottle.request.environ.get(CONNECTION_KEY)
+        if conn is not None:
+            conn.close_after_response = True
+    return bottle.HTTPResponse(f"{e.message}\n", status=e.status, **headers)
+
+
+def json_response(obj, status=200):
+    body = json.dumps(obj).encode("utf-8") + b"\n"
+    return bottle.HTTPResponse(body, status=status,
+                               **{"Content-Type": "application/json"})
+
+
+def read_json(environ, max_bytes):
+    """
+    Read and parse a JSON request body of at most `max_bytes`.
+
+    Raises PayloadTooLarge above the cap (checked before reading when the
+    length is announced), BadRequest for invalid JSON.
+    """
+    length = environ.get("CONTENT_LENGTH") or ""
+    chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+    if length:
+        try:
+            length = int(length)
+        except ValueError:
+            raise errors.BadRequest("invalid Content-Length") from None
+        if length < 0:
+            raise errors.BadRequest("invalid Content-Length")
+        if length > max_bytes:
+            _close_connection(environ)
+            raise errors.PayloadTooLarge(
+                f"request body too large: {length} bytes, limit {max_bytes}")
+        data = environ["wsgi.input"].read(length)
+    elif chunked:
+        data = environ["wsgi.input"].read(max_bytes + 1)
+        if len(data) > max_bytes:
+            _close_connection(environ)
+            raise errors.PayloadTooLarge(
+                f"request body too large: limit {max_bytes} bytes")
+    else:
+        data = b""
+    if not data:
+        raise errors.BadRequest("missing JSON body")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.BadRequest(f"invalid JSON body: {e}") from None
+
+
+def _close_connection(environ):
+    conn = environ.get(CONNECTION_KEY)
+    if conn is not None:
+        conn.close_after_response = True
+
+
+def connection(environ):
+    """The per-connection state of this request (see Connection)."""
+    conn = environ.get(CONNECTION_KEY)
+    if conn is None:
+        conn = environ[CONNECTION_KEY] = Connection(None)
+    return conn
+
+
+class Connection:
+    """
+    State of one client connection, shared by its requests.
+
+    Holds the reusable transfer buffers (allocated on first use, so idle
+    keep-alive connections cost no buffer memory), counts the connection in
+    each session it uses, and can be aborted from another greenlet.
+    """
+
+    def __init__(self, sock, inactivity_timeout_s=None):
+        self.sock = sock
+        self.close_after_response = False
+        self.inactivity_timeout_s = inactivity_timeout_s
+        self._buffers = None
+        self._buffer_size = 0
+        self._sessions = set()
+
+    def buffers(self, size, count=2):
+        """`count` aligned buffers of `size` bytes, reused across requests."""
+        if self._buffers is None or self._buffer_size != size \
+                or len(self._buffers) < count:
+            from . import util
+            self.release_buffers()
+            self._buffers = [util.aligned_buffer(size) for _ in range(count)]
+            self._buffer_size = size
+        return [memoryview(b) for b in self._buffers[:count]]
+
+    def release_buffers(self):
+        if self._buffers is not None:
+            for b in self._buffers:
+                b.close()
+            self._buffers = None
+
+    def use_session(self, session, max_connections):
+        """
+        Count this connection as one of `session`'s connections.
+
+        Applies the session's inactivity timeout to the socket. Raises
+        ServiceUnavailable if the session has too many connections.
+        """
+        if session not in self._sessions:
+            if session.connections >= max_connections:
+                raise errors.ServiceUnavailable(
+                    f"too many connections for this session (max {max_connections})")
+            session.connections += 1
+            self._sessions.add(session)
+        timeout = session.inactivity_timeout or self.inactivity_timeout_s
+        if self.sock is not None and timeout:
+            self.sock.settimeout(timeout)
+
+    def abort(self):
+        """Tear the connection down, waking any greenlet blocked on it."""
+        self.close_after_response = True
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        for session in self._sessions:
+            session.connections -= 1
+        self._sessions.clear()
+        self.release_buffers()
+
+
+class ClientGone(errors.BadRequest):
+    """The client went away or stalled mid-request; the connection is done."""
+
+
+class BodyReader:
+    """
+    Reads a request body into caller-owned buffers, without copies.
+
+    pywsgi's Input.read() returns new bytes for every call; for a multi-GiB
+    upload we read straight from the connection's buffered stream into the
+    transfer buffer, keeping Input's position right so that pywsgi knows how
+    much of the body is left. Other WSGI servers (webtest in the tests) get
+    the portable read() path.
+    """
+
+    def __init__(self, environ):
+        self._input = environ["wsgi.input"]
+        self.chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+        self._direct = (not self.chunked and hasattr(self._input, "rfile")
+                        and hasattr(self._input, "position"))
+
+    def readinto_exactly(self, view):
+        """Fill `view`; raises BadRequest if the body ends first."""
+        got = 0
+        while got < len(view):
+            count = self.readinto_some(view[got:])
+            if not count:
+                raise errors.BadRequest(
+                    f"request body ended early: expected {len(view) - got} more bytes")
+            got += count
+
+    def readinto_some(self, view):
+        """Read up to len(view) bytes; 0 at the end of the body."""
+        if self._direct:
+            inp = self._input
+            left = (inp.content_length or 0) - inp.position
+            if left <= 0:
+                return 0
+            # Answer "Expect: 100-continue" before waiting for the body.
+            try:
+                inp._send_100_continue()
+                count = inp.rfile.readinto(view[:min(len(view), left)])
+            except OSError as e:
+                raise ClientGone(f"connection lost while reading the body: {e}") from None
+            inp.position += count
+            return count
+        try:
+            data = self._input.read(len(view))
+        except OSError as e:
+            raise ClientGone(f"connection lost while reading the body: {e}") from None
+        view[:len(data)] = data
+        return len(data)
