@@ -60,6 +60,8 @@ class Daemon:
         for listener in self.listeners:
             listener.start()
         self.reaper.start()
+        # Before READY=1: a stop request right after it must be handled.
+        self._install_signal_handlers()
         log.info("imaged ready")
         sd_notify("READY=1")
 
@@ -82,10 +84,15 @@ class Daemon:
         return None
 
     def serve_forever(self):
-        """Run until SIGTERM or SIGINT, then stop."""
+        """Run until SIGTERM or SIGINT has stopped the daemon."""
+        self._stopped.wait()
+
+    def _install_signal_handlers(self):
+        # A shell starting us in the background leaves SIGINT ignored, and
+        # an ignored signal stays ignored: take it back first.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         gevent.signal_handler(signal.SIGTERM, self._on_signal, "SIGTERM")
         gevent.signal_handler(signal.SIGINT, self._on_signal, "SIGINT")
-        self._stopped.wait()
 
     def _on_signal(self, name):
         log.info("received %s, stopping", name)

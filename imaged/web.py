@@ -25,7 +25,8 @@ CONNECTION_KEY = "imaged.connection"
 
 def make_app():
     """A Bottle app answering its own errors (404, 405, 500) in plain text."""
-    app = bottle.Bottle(catchall=True, autojson=False)
+    app = bottle.Bottle(catchall=True)
+    app.config["json.enable"] = False
     app.default_error_handler = _plain_error
     return app
 

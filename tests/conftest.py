@@ -133,6 +133,12 @@ class Daemon:
                 self.proc.wait()
         self.output = self.proc.stdout.read().decode(errors="replace")
         self.proc.stdout.close()
+        self._notify.setblocking(False)
+        while True:
+            try:
+                self.notifications.append(self._notify.recv(4096).decode())
+            except BlockingIOError:
+                break
         self._notify.close()
         shutil.rmtree(self.sock_dir, ignore_errors=True)
         return self.proc.returncode
@@ -162,6 +168,9 @@ class Daemon:
     def https(self):
         s = requests.Session()
         s.verify = self.cert
+        # Otherwise REQUESTS_CA_BUNDLE from the environment wins over
+        # s.verify, and proxies from the environment apply.
+        s.trust_env = False
         self._http.append(s)
         return s
 
