@@ -74,8 +74,9 @@ def test_is_zero_speed():
     finally:
         buf.close()
     print(f"is_zero(8 MiB): {elapsed * 1000:.3f} ms")
-    # memcmp speed is many GiB/s; a per-byte loop would take ~15 ms.
-    assert elapsed < 0.005
+    # memcmp needs about 1 ms here; a loose bound to stay reliable on
+    # loaded machines, still catching per-byte Python loops (~1 s).
+    assert elapsed < 0.1
 
 
 @pytest.mark.parametrize("n,size,down,up", [

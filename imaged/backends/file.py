@@ -349,7 +349,7 @@ class FileBackend:
             done += n
 
     def _write_bounced(self, pos, src):
-        """Write whole blocks from an unaligned buffer via the bounce buffer."""
+        """Write whole blocks from unaligned memory via the bounce buffer."""
         bounce = self._bounce_buffer()
         n = min(len(src), len(bounce))
         bounce[:n] = src[:n]
@@ -543,7 +543,8 @@ def _describe(e):
 
 
 def _storage_error(op, offset, e):
-    return errors.StorageError(f"{op} failed at offset {offset}: {_describe(e)}")
+    return errors.StorageError(
+        f"{op} failed at offset {offset}: {_describe(e)}")
 
 
 @contextlib.contextmanager
