@@ -12,6 +12,7 @@ called (the images service closes the client connection there, which wakes a
 greenlet blocked on a slow client at once).
 """
 
+import hashlib
 import logging
 import re
 import time
@@ -35,8 +36,12 @@ _SPEC_FIELDS = ("uuid", "url", "size", "ops", "timeout", "sparse",
 # Session ids go into URLs as the last path component.
 _ID_RE = re.compile(r"^[A-Za-z0-9._~-]{1,128}$")
 
-# Seconds; an id this short is never shown whole in logs.
+# What logs show of a session id.
 _SHOWN_ID_CHARS = 8
+
+# Throughput sampling for the progress API.
+_SAMPLE_INTERVAL_S = 0.5
+_MAX_SAMPLES = 64
 
 
 def check_id(session_id):
@@ -170,7 +175,7 @@ class Operation:
         """Record `count` more bytes done."""
         self.done += count
         if self.session is not None:
-            self.session.touch()
+            self.session.moved(count, self.kind)
 
     def cancel(self):
         if self.canceled:
@@ -215,7 +220,9 @@ class Session:
         self._idle = gevent.event.Event()
         self._idle.set()
         self._last_activity = clock()
-        # Throughput samples: (time, total bytes done), for progress.
+        # Throughput: bytes moved (overlaps counted again) and samples of
+        # (time, bytes moved).
+        self._moved = 0
         self._samples = []
         # Shared by every connection of the session: read-modify-write of an
         # unaligned edge block must not race with a neighbour's write.
@@ -306,17 +313,35 @@ class Session:
         """Wait until no operation runs; returns False on timeout."""
         return self._idle.wait(timeout)
 
-    def throughput(self, window_s=5.0):
-        """Bytes per second over the last `window_s` seconds."""
+    def moved(self, count, kind):
+        """An operation moved `count` more bytes (see Operation.progress)."""
         now = self._clock()
-        total = self.transferred()
-        self._samples.append((now, total))
-        while len(self._samples) > 2 and self._samples[1][0] < now - window_s:
-            self._samples.pop(0)
-        t0, b0 = self._samples[0]
-        if now - t0 <= 0:
+        self._last_activity = now
+        if kind in self._COUNTED:
+            self._moved += count
+            # One sample per interval keeps the history small however many
+            # chunks move.
+            if not self._samples or now - self._samples[-1][0] >= _SAMPLE_INTERVAL_S:
+                self._samples.append((now, self._moved))
+                if len(self._samples) > _MAX_SAMPLES:
+                    del self._samples[0]
+
+    def throughput(self, window_s=5.0):
+        """Bytes per second moved over the last `window_s` seconds."""
+        now = self._clock()
+        start = now - window_s
+        # Baseline: the newest sample at or before the window start, or the
+        # oldest one inside the window.
+        base = None
+        for t, b in self._samples:
+            if t > start and base is not None:
+                break
+            base = (t, b)
+            if t > start:
+                break
+        if base is None or now - base[0] <= 0:
             return 0.0
-        return (total - b0) / (now - t0)
+        return (self._moved - base[1]) / (now - base[0])
 
     def info(self):
         """The control API view of the session."""
@@ -334,6 +359,12 @@ class Session:
             "canceled": self.canceled,
         })
         return d
+
+
+def _key(session_id):
+    # Sessions are found by a digest of their id: how long a lookup takes
+    # then tells a prober nothing about how much of a guessed id is right.
+    return hashlib.sha256(session_id.encode("utf-8", "surrogateescape")).digest()
 
 
 class Registry:
@@ -354,8 +385,8 @@ class Registry:
         Re-adding the same id with identical content only renews the
         timeout; with other content it raises Conflict.
         """
-        sid = spec["uuid"]
-        old = self._sessions.get(sid)
+        key = _key(spec["uuid"])
+        old = self._sessions.get(key)
         if old is not None and not old.canceled:
             if _same(old.spec, spec):
                 old.extend(spec["timeout"])
@@ -365,7 +396,7 @@ class Registry:
                           threads=self._threads_per_session)
         if self._lock_factory is not None:
             session.rmw_lock = self._lock_factory()
-        self._sessions[sid] = session
+        self._sessions[key] = session
         log.info("session %s added: ops=%s size=%d timeout=%d",
                  session.name, ",".join(session.ops), session.size,
                  spec["timeout"])
@@ -373,7 +404,7 @@ class Registry:
 
     def get(self, session_id):
         """Return a live session or raise NotFound."""
-        session = self._sessions.get(session_id)
+        session = self._sessions.get(_key(session_id))
         if session is None:
             raise errors.NotFound("no such session")
         return session
@@ -385,7 +416,7 @@ class Registry:
         Unknown, expired and canceled sessions all answer Forbidden for the
         images service: a stranger learns nothing from the status.
         """
-        session = self._sessions.get(session_id)
+        session = self._sessions.get(_key(session_id))
         if session is None:
             raise errors.Forbidden("no such session, or it expired")
         session.authorize(op)
@@ -405,7 +436,7 @@ class Registry:
         operations do not stop within remove_timeout_s; the session stays
         canceled and is removed once they stop.
         """
-        session = self._sessions.get(session_id)
+        session = self._sessions.get(_key(session_id))
         if session is None:
             return
         self._cancel_and_wait(session)
@@ -435,8 +466,9 @@ class Registry:
         self._drop(session)
 
     def _drop(self, session):
-        if self._sessions.get(session.id) is session:
-            del self._sessions[session.id]
+        key = _key(session.id)
+        if self._sessions.get(key) is session:
+            del self._sessions[key]
             log.info("session %s removed, transferred=%d",
                      session.name, session.transferred())
 
@@ -447,7 +479,7 @@ class Registry:
         """Cancel and drop expired sessions; returns how many expired."""
         count = 0
         for session in list(self._sessions.values()):
-            if session.expired() and session.id in self._sessions:
+            if session.expired() and not session.canceled:
                 log.info("session %s expired", session.name)
                 session.cancel()
                 count += 1

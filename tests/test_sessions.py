@@ -215,3 +215,17 @@ def test_reaper_greenlet_removes_expired(clock):
                 gevent.sleep(0.01)
     finally:
         reaper.stop()
+
+
+def test_throughput_over_the_last_seconds(registry, clock):
+    s = registry.add(spec(size=10**9))
+    op = sessions.Operation("write", 0, 10**9)
+    s.add_operation(op)
+    assert s.throughput() == 0.0
+    for _ in range(20):
+        op.progress(100_000)
+        clock.now += 0.5
+    # 100 kB every half second.
+    assert s.throughput(window_s=5.0) == pytest.approx(200_000, rel=0.15)
+    clock.now += 10
+    assert s.throughput(window_s=5.0) < 20_000
