@@ -19,6 +19,7 @@ import gevent.hub
 
 from . import sessions
 from . import server
+from . import tls
 from .apps import images as images_app
 from .apps import progress as progress_app
 from .apps import sessions as sessions_app
@@ -42,6 +43,8 @@ class Daemon:
 
     def start(self):
         """Bind every listener and start serving; raises OSError on failure."""
+        if any(lst["kind"] == "tls" for lst in self.config["listeners"]):
+            tls.check_key_file(self.config["tls"]["key_file"])
         hub = gevent.get_hub()
         hub.threadpool.maxsize = self.config["threads"]["pool_size"]
         apps = self._make_apps()

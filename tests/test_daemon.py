@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import requests
+import yaml
 
 from tests.conftest import ROOT
 
@@ -265,3 +266,20 @@ def test_requests_against_many_connections(daemon, image):
         s.close()
     assert wait_until(lambda: daemon.control().get(
         daemon.control_url + sid).json()["connections"] == 0)
+
+
+def test_world_readable_key_is_refused(make_daemon, tmp_path, tls_files):
+    d = make_daemon(start=False)
+    key = tmp_path / "open-key.pem"
+    key.write_bytes(open(tls_files[1], "rb").read())
+    key.chmod(0o644)
+    cfg = yaml.safe_load(open(d.config_file))
+    cfg["tls"]["key_file"] = str(key)
+    with open(d.config_file, "w") as f:
+        yaml.safe_dump(cfg, f)
+    r = run_imaged("--config", d.config_file)
+    assert r.returncode == 1
+    assert "unsafe mode 0644" in d.log()
+    key.chmod(0o640)
+    # Group-readable is fine (the imaged group may read it).
+    d.start()
