@@ -68,6 +68,9 @@ DEFAULTS = {
         "max_connections": 1000,
         # Seconds to let running requests finish on shutdown.
         "stop_timeout_s": 5.0,
+        # A request line and headers must arrive within this many seconds
+        # of their first byte.
+        "header_timeout_s": 30.0,
     },
     "logging": {
         "level": "INFO",
@@ -260,6 +263,7 @@ def _check_threads(threads):
 def _check_server(server):
     _int("server.max_connections", server["max_connections"], 1, 100000)
     _number("server.stop_timeout_s", server["stop_timeout_s"], 0, 600)
+    _number("server.header_timeout_s", server["header_timeout_s"], 0.1, 3600)
 
 
 def _check_logging(logging_, base_dir):

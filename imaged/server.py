@@ -20,6 +20,7 @@ import os
 import socket
 import ssl
 
+import gevent
 from gevent import pool
 from gevent import pywsgi
 
@@ -45,6 +46,7 @@ class Handler(pywsgi.WSGIHandler):
     """WSGI handler with per-connection state."""
 
     inactivity_timeout_s = None
+    header_timeout_s = 30
 
     def handle(self):
         self.connection = web.Connection(
@@ -82,10 +84,33 @@ class Handler(pywsgi.WSGIHandler):
 
     def read_requestline(self):
         try:
-            return super().read_requestline()
+            # Waiting for the first byte of a request is idleness, bounded
+            # by the inactivity timeout of the socket.
+            self.rfile.peek(1)
         except socket.timeout:
             # Idle keep-alive connection: end it quietly.
             return None
+        # From the first byte on, the request line and headers must arrive
+        # within the header timeout: a client dripping a byte now and then
+        # would otherwise hold the connection forever.
+        self._header_deadline = gevent.Timeout(
+            self.header_timeout_s, socket.timeout("request header timeout"))
+        self._header_deadline.start()
+        try:
+            return super().read_requestline()
+        except BaseException:
+            self._header_deadline.close()
+            raise
+
+    def read_request(self, raw_requestline):
+        try:
+            return super().read_request(raw_requestline)
+        except socket.timeout:
+            log.warning("dropping client %s: request headers too slow", self._client())
+            self.close_connection = True
+            return False
+        finally:
+            self._header_deadline.close()
 
     def log_request(self):
         # The access log would show session ids in URLs; request logging
@@ -217,7 +242,8 @@ class Listener:
         ssl_context = make_ssl_context(tls) if lst["kind"] == "tls" else None
 
         handler = type("Handler", (Handler,), {
-            "inactivity_timeout_s": cfg["images"]["inactivity_timeout_s"]})
+            "inactivity_timeout_s": cfg["images"]["inactivity_timeout_s"],
+            "header_timeout_s": cfg["server"]["header_timeout_s"]})
         tls_args = {"ssl_context": ssl_context} if ssl_context else {}
         self.server = _Server(
             self.sock, app,

@@ -283,3 +283,29 @@ def test_world_readable_key_is_refused(make_daemon, tmp_path, tls_files):
     key.chmod(0o640)
     # Group-readable is fine (the imaged group may read it).
     d.start()
+
+
+def test_slow_headers_are_dropped(make_daemon):
+    d = make_daemon({"server": {"header_timeout_s": 1.0}})
+    with socket.create_connection(("127.0.0.1", d.tcp_port), timeout=10) as s:
+        start = time.monotonic()
+        s.sendall(b"GET /images/x HTTP/1.1\r\n")
+        # Drip a header byte now and then, faster than any idle timeout.
+        try:
+            for c in b"X-Slow: 1234567890":
+                s.sendall(bytes([c]))
+                time.sleep(0.2)
+            data = s.recv(1024)
+        except ConnectionError:
+            data = b""
+        elapsed = time.monotonic() - start
+    assert data == b"" or data.startswith(b"HTTP/1.1 400")
+    assert elapsed < 8
+
+
+def test_idle_connection_is_dropped(make_daemon):
+    d = make_daemon({"images": {"inactivity_timeout_s": 1}})
+    with socket.create_connection(("127.0.0.1", d.tcp_port), timeout=10) as s:
+        start = time.monotonic()
+        assert s.recv(1024) == b""
+        assert time.monotonic() - start < 8
