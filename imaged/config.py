@@ -153,21 +153,18 @@ def _show(value):
 
 
 def _int(key, value, lo=None, hi=None):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key}: expected {_range_text('an integer', lo, hi)}, "
-                          f"got {_show(value)}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(f"{key}: expected {_range_text('an integer', lo, hi)}, "
-                          f"got {_show(value)}")
-    return value
+    return _in_range(key, value, int, "an integer", lo, hi)
 
 
 def _number(key, value, lo=None, hi=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}: expected {_range_text('a number', lo, hi)}, "
-                          f"got {_show(value)}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(f"{key}: expected {_range_text('a number', lo, hi)}, "
+    return _in_range(key, value, (int, float), "a number", lo, hi)
+
+
+def _in_range(key, value, types, what, lo, hi):
+    # bool is an int to Python, never to a config reader.
+    if isinstance(value, bool) or not isinstance(value, types) \
+            or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{key}: expected {_range_text(what, lo, hi)}, "
                           f"got {_show(value)}")
     return value
 
