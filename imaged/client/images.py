@@ -1,0 +1,218 @@
+"""
+The images API, client side: one method per request, on one Connection.
+
+Only documented requests of the ovirt-imageio images API are used, so this
+works against imaged and any server speaking that API. What the server
+offers is learned from OPTIONS (see Options); callers check it before using
+a feature.
+"""
+
+import json
+import re
+from typing import NamedTuple
+
+from . import errors
+
+_CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(?:\d+-\d+|\*)\s*/\s*(\d+)\s*$")
+
+
+class Extent(NamedTuple):
+    """A range of the image; `zero` is True if it reads as zeroes."""
+
+    start: int
+    length: int
+    zero: bool
+
+
+class Options(NamedTuple):
+    """
+    What the server offers for a session (OPTIONS /images/{id}).
+
+    `supported` is False when the server is too old to answer OPTIONS; it
+    then gets the basic protocol: one connection, GET and PUT only.
+    """
+
+    supported: bool
+    allow: tuple
+    features: tuple
+    max_readers: int
+    max_writers: int
+    unix_socket: object
+
+    @property
+    def writable(self):
+        """The session accepts writes (as far as the server tells)."""
+        if not self.supported:
+            return True
+        return "PUT" in self.allow and self.max_writers > 0
+
+    def has(self, feature):
+        return feature in self.features
+
+    def to_dict(self):
+        return {
+            "options_supported": self.supported,
+            "allow": list(self.allow),
+            "features": list(self.features),
+            "max_readers": self.max_readers,
+            "max_writers": self.max_writers,
+            "unix_socket": self.unix_socket,
+        }
+
+
+# Basic protocol of servers without OPTIONS.
+BASIC_OPTIONS = Options(False, ("GET", "PUT"), (), 1, 1, None)
+
+
+class ImageClient:
+    """Requests on one image through one `http.Connection`."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.path = conn.path
+
+    @property
+    def transport(self):
+        return self.conn.transport
+
+    def close(self):
+        self.conn.close()
+
+    def abort(self):
+        self.conn.abort()
+
+    def options(self):
+        """The server's Options for this session."""
+        resp = self.conn.request("OPTIONS", self.path, ok=(200, 204, 405, 501))
+        data = self.conn.read_all(resp)
+        if resp.status in (405, 501):
+            return BASIC_OPTIONS
+        allow = tuple(m.strip().upper() for m in
+                      (resp.getheader("Allow") or "").split(",") if m.strip())
+        try:
+            body = json.loads(data) if data else {}
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        features = tuple(f for f in body.get("features", ()) if isinstance(f, str))
+        if not allow:
+            # Servers that answer OPTIONS without Allow still serve GET; PUT
+            # is known only from the write features.
+            allow = ("OPTIONS", "GET") + (("PUT", "PATCH") if "zero" in features else ())
+        unix_socket = body.get("unix_socket")
+        return Options(
+            supported=True,
+            allow=allow,
+            features=features,
+            # Servers that do not report limits allow one connection.
+            max_readers=_limit(body.get("max_readers")),
+            max_writers=_limit(body.get("max_writers")) if "PUT" in allow else 0,
+            unix_socket=unix_socket if isinstance(unix_socket, str) and unix_socket else None,
+        )
+
+    def size(self):
+        """The image size, from the Content-Range of a one byte GET."""
+        resp = self.conn.request("GET", self.path, headers={"Range": "bytes=0-0"},
+                                 ok=(200, 206, 416))
+        if resp.status == 200:
+            # The server ignored Range: its answer is the whole image. Do
+            # not read it; the length is all we need.
+            length = resp.getheader("Content-Length")
+            self.conn.close()
+            if length is None or not length.isdigit():
+                raise errors.ClientError("server did not report the image size")
+            return int(length)
+        self.conn.discard(resp)
+        m = _CONTENT_RANGE_RE.match(resp.getheader("Content-Range") or "")
+        if not m:
+            raise errors.ClientError("server did not report the image size")
+        return int(m.group(1))
+
+    def extents(self, size):
+        """
+        Yield the Extents of [0, size).
+
+        A server may answer a window shorter than the image; the next
+        window is then asked with `start`. Servers that ignore `start`
+        answer from 0 again, which is handled by skipping what is known.
+        """
+        pos = 0
+        while pos < size:
+            target = f"{self.path}/extents" + (f"?start={pos}" if pos else "")
+            resp = self.conn.request("GET", target)
+            data = self.conn.read_all(resp, limit=256 * 1024**2)
+            try:
+                items = json.loads(data)
+                exts = [Extent(int(e["start"]), int(e["length"]), bool(e["zero"]))
+                        for e in items]
+            except (ValueError, TypeError, KeyError):
+                raise errors.ClientError("server sent invalid extents") from None
+            advanced = False
+            for ext in exts:
+                end = min(ext.start + ext.length, size)
+                if end <= pos:
+                    continue
+                if ext.start > pos:
+                    raise errors.ClientError("server sent extents with a gap")
+                yield Extent(pos, end - pos, ext.zero)
+                pos = end
+                advanced = True
+            if not advanced:
+                raise errors.ClientError("server sent extents not covering the image")
+
+    def read_into(self, offset, view):
+        """Read len(view) bytes at `offset` into `view`."""
+        last = offset + len(view) - 1
+        resp = self.conn.request("GET", self.path,
+                                 headers={"Range": f"bytes={offset}-{last}"},
+                                 ok=(206,))
+        if resp.length is not None and resp.length != len(view):
+            self.conn.close()
+            raise errors.ClientError(
+                f"server sent {resp.length} bytes for a {len(view)} bytes range")
+        self.conn.read_into(resp, view)
+
+    def write(self, offset, view, flush):
+        """Write `view` at `offset`; `flush` is sent only if supported."""
+        target = self.path
+        if flush is not None:
+            target += "?flush=" + ("y" if flush else "n")
+        headers = {"Content-Range": f"bytes {offset}-{offset + len(view) - 1}/*",
+                   "Content-Type": "application/octet-stream"}
+        resp = self.conn.request("PUT", target, body=view, headers=headers)
+        self.conn.discard(resp)
+
+    def zero(self, offset, length, flush=False):
+        self._patch({"op": "zero", "offset": offset, "size": length, "flush": flush})
+
+    def flush(self):
+        self._patch({"op": "flush"})
+
+    def _patch(self, msg):
+        body = json.dumps(msg).encode()
+        resp = self.conn.request("PATCH", self.path, body=body,
+                                 headers={"Content-Type": "application/json"})
+        self.conn.discard(resp)
+
+    def checksum(self, algorithm, block_size):
+        """The server's block checksum of the whole image (a dict)."""
+        # Hashing a big image takes long before the first response byte:
+        # wait without a deadline (Ctrl-C still stops the client).
+        resp = self.conn.request(
+            "GET", f"{self.path}/checksum?algorithm={algorithm}&block_size={block_size}",
+            timeout=None)
+        try:
+            result = json.loads(self.conn.read_all(resp))
+        except ValueError:
+            result = None
+        if not isinstance(result, dict) or not isinstance(result.get("checksum"), str):
+            raise errors.ClientError("server sent an invalid checksum answer")
+        return result
+
+
+def _limit(value):
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return 1
+

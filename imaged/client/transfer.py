@@ -1,0 +1,203 @@
+"""
+Planning a transfer into work items, and running them on worker threads.
+
+The image is described by extents (data or zero). plan() cuts them into
+items: data items of at most one buffer, so memory stays bounded whatever
+the image size, and zero items of at most ZERO_STEP so that progress and
+the load of the connections stay even. Workers, one thread and one
+keep-alive connection each, take the next item from a shared iterator:
+they always work on disjoint ranges, and a fast connection simply takes
+more items.
+
+The first failure of any worker stops all of them (their connections are
+aborted, so none stays blocked on the network) and is raised to the caller;
+so is KeyboardInterrupt in the calling thread.
+"""
+
+import threading
+from typing import NamedTuple
+
+from .. import util
+from . import local
+
+# Largest zero request. Zeroing is fast on the server (fallocate) but may
+# fall back to writing zeroes; 1 GiB keeps each request well within the
+# timeout even then.
+ZERO_STEP = 1024**3
+
+# How long the calling thread waits for workers to stop after an
+# interruption before giving up on them (they are daemon threads).
+STOP_TIMEOUT_S = 10.0
+
+
+class Item(NamedTuple):
+    """A range to transfer; zero items need no data moved."""
+
+    start: int
+    length: int
+    zero: bool
+
+
+def plan(extents, chunk_size, zero_step=ZERO_STEP):
+    """Yield the Items covering `extents`, in order."""
+    for ext in extents:
+        step = zero_step if ext.zero else chunk_size
+        pos, end = ext.start, ext.start + ext.length
+        while pos < end:
+            n = min(step, end - pos)
+            yield Item(pos, n, ext.zero)
+            pos += n
+
+
+class _Shared:
+    """An iterator shared by threads."""
+
+    def __init__(self, iterable):
+        self._it = iter(iterable)
+        self._lock = threading.Lock()
+
+    def next(self):
+        with self._lock:
+            return next(self._it, None)
+
+
+def run(items, workers):
+    """
+    Run `items` on `workers`, one thread each, until all are done.
+
+    A worker has handle(item) and abort() (break its connection from
+    another thread). Raises the first worker failure, or KeyboardInterrupt
+    if the caller was interrupted; either way every worker is stopped first.
+    """
+    source = _Shared(items)
+    stop = threading.Event()
+    failures = []
+    lock = threading.Lock()
+
+    def stop_all():
+        stop.set()
+        for w in workers:
+            w.abort()
+
+    def loop(worker):
+        try:
+            while not stop.is_set():
+                item = source.next()
+                if item is None:
+                    return
+                worker.handle(item)
+        except BaseException as e:
+            # Failures after a stop are consequences of the abort.
+            with lock:
+                first = not stop.is_set()
+                if first:
+                    failures.append(e)
+            if first:
+                stop_all()
+
+    threads = [threading.Thread(target=loop, args=(w,), daemon=True,
+                                name=f"imaged-client-worker-{i}")
+               for i, w in enumerate(workers)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            # A timed join keeps the calling thread responsive to Ctrl-C.
+            while t.is_alive():
+                t.join(0.2)
+    except BaseException:
+        stop_all()
+        for t in threads:
+            t.join(STOP_TIMEOUT_S)
+        raise
+    if failures:
+        raise failures[0]
+
+
+class _Worker:
+    """State shared by upload and download workers."""
+
+    def __init__(self, image, fd, chunk_size, progress, detect_zeroes):
+        self.image = image
+        self.fd = fd
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.detect_zeroes = detect_zeroes
+        self.data_bytes = 0
+        self.zero_bytes = 0
+        self._buf = None
+
+    def _view(self, length):
+        # Allocated on first use: a worker that gets no data item costs no
+        # buffer memory.
+        if self._buf is None:
+            self._buf = memoryview(bytearray(self.chunk_size))
+        return self._buf[:length]
+
+    def abort(self):
+        self.image.abort()
+
+    def close(self):
+        self.image.close()
+
+
+class UploadWorker(_Worker):
+    """Sends items of a local file: data as PUT, zeroes as PATCH zero."""
+
+    def __init__(self, image, fd, chunk_size, progress, options, detect_zeroes=False):
+        super().__init__(image, fd, chunk_size, progress, detect_zeroes)
+        self.can_zero = options.has("zero")
+        # Servers with the flush feature accept ?flush=n: one flush at the
+        # end instead of one per request. Others get no parameter.
+        self.flush = False if options.has("flush") else None
+        self._zeroes = None
+
+    def handle(self, item):
+        if item.zero:
+            self._zero(item.start, item.length)
+            return
+        view = self._view(item.length)
+        local.pread_exactly(self.fd, view, item.start)
+        if self.detect_zeroes and util.is_zero(view):
+            self._zero(item.start, item.length)
+            return
+        self.image.write(item.start, view, self.flush)
+        self.data_bytes += item.length
+        self.progress.update(item.length)
+
+    def _zero(self, start, length):
+        if self.can_zero:
+            self.image.zero(start, length, flush=False)
+            self.zero_bytes += length
+            self.progress.update(length)
+            return
+        # No zero request on this server: send zeroes as data, one buffer
+        # at a time.
+        if self._zeroes is None:
+            self._zeroes = memoryview(bytes(self.chunk_size))
+        pos, end = start, start + length
+        while pos < end:
+            n = min(self.chunk_size, end - pos)
+            self.image.write(pos, self._zeroes[:n], self.flush)
+            self.zero_bytes += n
+            self.progress.update(n)
+            pos += n
+
+
+class DownloadWorker(_Worker):
+    """
+    Fetches data items into a local file that starts as one big hole:
+    zero items need nothing, so they stay holes.
+    """
+
+    def handle(self, item):
+        if not item.zero:
+            view = self._view(item.length)
+            self.image.read_into(item.start, view)
+            if not (self.detect_zeroes and util.is_zero(view)):
+                local.pwrite_all(self.fd, view, item.start)
+                self.data_bytes += item.length
+                self.progress.update(item.length)
+                return
+        self.zero_bytes += item.length
+        self.progress.update(item.length)

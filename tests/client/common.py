@@ -1,0 +1,314 @@
+"""
+Helpers for the client tests: sparse test images, running the CLI, a
+throttling TCP proxy (to interrupt transfers at a known point) and a
+minimal server of the old images API (no OPTIONS, PATCH or extents).
+"""
+
+import http.server
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+KiB = 1024
+MiB = 1024**2
+BLOCK = 4096
+
+# Seconds a CLI run may take in a test before it counts as hung.
+CLI_TIMEOUT_S = 60
+
+
+def make_sparse_image(path, size, regions=8, seed=0, max_region=MiB):
+    """
+    Create a sparse file of `size` bytes with `regions` random data
+    regions at scattered offsets; returns the [(offset, length)] written.
+    Regions may start and end at any byte, not only on block boundaries.
+    """
+    rnd = random.Random(seed)
+    written = []
+    with open(path, "wb") as f:
+        f.truncate(size)
+        slot = size // max(regions, 1)
+        for i in range(regions):
+            length = rnd.randint(1, min(max_region, slot // 2))
+            offset = i * slot + rnd.randint(0, slot - length)
+            f.seek(offset)
+            f.write(rnd.randbytes(length))
+            written.append((offset, length))
+    return written
+
+
+def fill_random(path, size, seed=1):
+    """A fully allocated file of random bytes (garbage to be overwritten)."""
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        for pos in range(0, size, MiB):
+            f.write(rnd.randbytes(min(MiB, size - pos)))
+
+
+def allocated(path):
+    """Bytes allocated on disk for `path`."""
+    return os.stat(path).st_blocks * 512
+
+
+def data_bytes(regions):
+    """Upper bound of the bytes allocated for data `regions` (whole blocks)."""
+    total = 0
+    for offset, length in regions:
+        start = offset - offset % BLOCK
+        end = -(-(offset + length) // BLOCK) * BLOCK
+        total += end - start
+    return total
+
+
+def assert_sparse(path, regions, slack=64 * KiB):
+    """The file allocates about its data only, and its holes are holes."""
+    used = allocated(path)
+    assert used <= data_bytes(regions) + slack, \
+        f"{path}: {used} bytes allocated for {data_bytes(regions)} bytes of data"
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        ends = sorted(o + n for o, n in regions)
+        starts = sorted(o for o, n in regions)
+        # Just after each region's last block there is a hole (or EOF), and
+        # SEEK_DATA from there skips to the next region.
+        for end, next_start in zip(ends, starts[1:] + [size]):
+            hole_start = -(-end // BLOCK) * BLOCK
+            if hole_start + BLOCK > next_start - next_start % BLOCK:
+                continue
+            try:
+                found = os.lseek(fd, hole_start, os.SEEK_DATA)
+            except OSError:
+                found = size
+            assert found >= next_start - next_start % BLOCK, \
+                f"{path}: data at {found} inside a hole [{hole_start}, {next_start})"
+
+
+def same_content(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(MiB), fb.read(MiB)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def corrupt(path, offset, length=BLOCK):
+    """Overwrite a block of `path` with other bytes, durably."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        old = os.pread(fd, length, offset)
+        os.pwrite(fd, bytes(b ^ 0xFF for b in old), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# The CLI.
+
+def cli_command(*args):
+    return [sys.executable, "-m", "imaged.client.cli"] + [str(a) for a in args]
+
+
+def run_cli(*args, timeout=CLI_TIMEOUT_S):
+    """Run imaged-client; returns the CompletedProcess (text output)."""
+    return subprocess.run(cli_command(*args), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_cli(*args):
+    """Start imaged-client with --json progress lines readable on stdout."""
+    return subprocess.Popen(cli_command(*args), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_progress(proc, done_at_least=1):
+    """Read JSON lines until a progress event shows some bytes moved."""
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"client ended early: {proc.stderr.read()}")
+        event = json.loads(line)
+        if event["event"] == "progress" and event["phase"] in ("upload", "download") \
+                and event["done"] >= done_at_least:
+            return event
+    raise AssertionError("no progress from the client")
+
+
+def finish(proc):
+    """Wait for a started client; returns (exit code, stdout, stderr)."""
+    out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
+    return proc.returncode, out, err
+
+
+def assert_one_line_error(stderr):
+    """Expected failures print one line, never a traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("imaged-client: error")
+              or line.startswith("imaged-client: interrupted")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+# A slow TCP proxy.
+
+class SlowProxy:
+    """
+    A TCP proxy to `target` forwarding at most `rate` bytes per second in
+    each direction of each connection. pause() stops forwarding (the
+    server seems to hang), close() breaks every connection.
+    """
+
+    def __init__(self, target, rate):
+        self.target = target
+        self.rate = rate
+        self._forwarding = threading.Event()
+        self._forwarding.set()
+        self._socks = []
+        self._lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, sid):
+        return f"http://127.0.0.1:{self.port}/images/{sid}"
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._socks += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                data = src.recv(64 * KiB)
+                if not data:
+                    break
+                self._forwarding.wait()
+                dst.sendall(data)
+                time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def pause(self):
+        self._forwarding.clear()
+
+    def close(self):
+        self._forwarding.set()
+        self.listener.close()
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+# A server of the old images API.
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)$")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/\*$")
+
+
+class OldServer:
+    """
+    GET with Range and PUT with Content-Range on one file, over plain HTTP,
+    like images servers before OPTIONS existed. Records every request as
+    (method, path).
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.requests = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, status, body=b"", headers=()):
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_OPTIONS(self):
+                server.requests.append(("OPTIONS", self.path))
+                self._answer(405, b"method not allowed\n")
+
+            def do_PATCH(self):
+                server.requests.append(("PATCH", self.path))
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self._answer(405, b"method not allowed\n")
+
+            def do_GET(self):
+                server.requests.append(("GET", self.path))
+                if self.path != "/images/old":
+                    # Like ovirt-imageio, quoting the id it does not know.
+                    ticket = self.path.rsplit("/", 1)[-1]
+                    self._answer(403, f"No such ticket {ticket}\n".encode())
+                    return
+                size = os.path.getsize(server.path)
+                m = _RANGE.match(self.headers.get("Range", ""))
+                first, last = int(m.group(1)), int(m.group(2))
+                if last >= size:
+                    self._answer(416, b"out of range\n", [("Content-Range", f"bytes */{size}")])
+                    return
+                with open(server.path, "rb") as f:
+                    f.seek(first)
+                    body = f.read(last - first + 1)
+                self._answer(206, body, [("Content-Range", f"bytes {first}-{last}/{size}")])
+
+            def do_PUT(self):
+                server.requests.append(("PUT", self.path))
+                length = int(self.headers["Content-Length"])
+                m = _CONTENT_RANGE.match(self.headers.get("Content-Range", ""))
+                body = self.rfile.read(length)
+                with open(server.path, "r+b") as f:
+                    f.seek(int(m.group(1)))
+                    f.write(body)
+                self._answer(200)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/images/old"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,43 @@
+"""
+Fixtures of the client tests.
+
+Most tests share one daemon per module (`server`): starting a daemon costs
+about a second, and every test uses its own session and files. Tests that
+stop or break the daemon use the function scoped `daemon` fixture.
+"""
+
+import pytest
+
+from tests.client import common
+from tests.conftest import Daemon
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tls_files):
+    """A started imaged shared by the tests of a module."""
+    d = Daemon(tmp_path_factory.mktemp("daemon"), tls_files).start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def slow_proxy():
+    """Factory: slow_proxy(daemon, rate) -> SlowProxy to its plain TCP port."""
+    proxies = []
+
+    def make(daemon, rate):
+        p = common.SlowProxy(("127.0.0.1", daemon.tcp_port), rate)
+        proxies.append(p)
+        return p
+
+    yield make
+    for p in proxies:
+        p.close()
+
+
+@pytest.fixture
+def old_server(tmp_path):
+    """An images server without OPTIONS, PATCH or extents, on tmp_path/old.raw."""
+    s = common.OldServer(str(tmp_path / "old.raw"))
+    yield s
+    s.close()
