@@ -7,7 +7,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv sysdeps bench bench-smoke clean
+.PHONY: run test venv sysdeps packaging-deps deb rpm bench bench-smoke clean
 
 $(STAMP): requirements.txt requirements-test.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,23 +19,61 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 venv: $(STAMP)
 
 # Tools the end-to-end tests drive (curl as a real client, openssl for test
-# certificates). Installed with apt when missing and we may; otherwise the
+# certificates; losetup, mkfs.ext4 and dmsetup for the disk fault tests), as
+# tool:package. Installed with apt when missing and we may; otherwise the
 # tests needing them skip and say why.
+SYSDEPS := curl:curl openssl:openssl losetup:mount mkfs.ext4:e2fsprogs dmsetup:dmsetup
 sysdeps:
-	@missing=""; for t in curl openssl; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for tp in $(SYSDEPS); do command -v $${tp%%:*} >/dev/null || missing="$$missing $${tp#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	    else echo "warning: missing$$missing; tests needing them will skip"; fi; \
 	fi
 
+# Tools that build the distribution packages (make deb, make rpm) and that
+# the packaging tests use, plus the .deb's runtime dependencies so those
+# tests run the packaged code on the system python as a host does. Installed
+# with apt when missing and we may; otherwise the tests needing them skip.
+PACKAGING_DEPS := debhelper dh-python python3-all python3-setuptools lintian \
+	rpm cpio systemd python3-gevent python3-bottle python3-yaml
+
+packaging-deps:
+	@command -v dpkg-query >/dev/null || exit 0; \
+	missing=""; for p in $(PACKAGING_DEPS); do \
+	    dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null | grep -qx installed \
+	        || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	            apt-get install -y -qq --no-install-recommends $$missing; \
+	    else echo "warning: missing$$missing; packaging tests needing them will skip"; fi; \
+	fi
+
+# Distribution packages, built in a temporary copy of the tree, into dist/.
+deb: packaging-deps
+	packaging/build.sh deb dist
+
+rpm: packaging-deps
+	packaging/build.sh rpm dist
+
 # Start the daemon in lab mode (self-signed certificate, local sockets).
 run: $(STAMP)
 	$(VPY) -m imaged.lab
 
 # The whole test suite.
-test: $(STAMP) sysdeps
+test: $(STAMP) sysdeps packaging-deps
 	$(VPY) -m pytest -q tests
+
+# Benchmarks side by side with nginx and ovirt-imageio (docs/benchmarks.md).
+# Not part of `make test`, which runs only the smoke mode (tests/test_bench_smoke.py).
+# Extra options: make bench BENCH_ARGS="--reps 3 --keep"
+bench: $(STAMP)
+	$(VPY) bench/bench.py $(BENCH_ARGS)
+
+bench-smoke: $(STAMP)
+	$(VPY) bench/bench.py --smoke $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) lab build dist *.egg-info .pytest_cache
