@@ -19,10 +19,11 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 venv: $(STAMP)
 
 # Tools the end-to-end tests drive (curl as a real client, openssl for test
-# certificates; losetup, mkfs.ext4 and dmsetup for the disk fault tests), as
-# tool:package. Installed with apt when missing and we may; otherwise the
-# tests needing them skip and say why.
-SYSDEPS := curl:curl openssl:openssl losetup:mount mkfs.ext4:e2fsprogs dmsetup:dmsetup
+# certificates; losetup, mkfs.ext4 and dmsetup for the disk fault tests;
+# qemu-img and qemu-nbd for ovirt-imageio's upload/download in the
+# compatibility tests), as tool:package. Installed with apt when missing and
+# we may; otherwise the tests needing them skip and say why.
+SYSDEPS := curl:curl openssl:openssl losetup:mount mkfs.ext4:e2fsprogs dmsetup:dmsetup qemu-nbd:qemu-utils
 sysdeps:
 	@missing=""; for tp in $(SYSDEPS); do command -v $${tp%%:*} >/dev/null || missing="$$missing $${tp#*:}"; done; \
 	if [ -n "$$missing" ]; then \

@@ -136,6 +136,12 @@ class Images:
         backend, runner, op = cm.__enter__()
         log.debug("session %s: READ offset=%d length=%d", session.name, offset, length)
         try:
+            # An image shorter than the session would end the response
+            # after its headers: refuse it while an error status is possible.
+            image_size = runner.run(backend.size)
+            if offset + length > image_size:
+                raise errors.StorageError(
+                    f"image ends at {image_size}, before the requested range")
             gen = ops.read(backend, runner, op, offset, length,
                            conn.buffers(self.buffer_size))
             # Read the first chunk now: a failure here (a missing or short
@@ -144,7 +150,10 @@ class Images:
         except BaseException:
             cm.__exit__(None, None, None)
             raise
-        return _Stream(first, gen, cm)
+        # Our server sends each chunk before asking for the next, so it may
+        # get views of the reused buffers. Any other WSGI server (a detached
+        # connection) may keep chunks around and needs bytes (PEP 3333).
+        return _Stream(first, gen, cm, copy=conn.sock is None)
 
     def write(self, session, offset, length, body, conn, flush):
         self.check_range(session, offset, length)
@@ -205,10 +214,11 @@ class _Stream:
     operation when the server closes it (also when the client went away).
     """
 
-    def __init__(self, first, gen, cm):
+    def __init__(self, first, gen, cm, copy=False):
         self._first = first
         self._gen = gen
         self._cm = cm
+        self._copy = copy
 
     def __iter__(self):
         return self
@@ -219,7 +229,8 @@ class _Stream:
             # items go to the server as they are (memoryviews, no copy).
             chunk, self._first = bytes(self._first), None
             return chunk
-        return next(self._gen)
+        chunk = next(self._gen)
+        return bytes(chunk) if self._copy else chunk
 
     def close(self):
         try:

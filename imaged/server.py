@@ -8,7 +8,9 @@ pywsgi needs help for a streaming daemon (see NOTES in the docs):
   socket timeout (pywsgi has no inactivity timeout of its own).
 - `Input` skips pywsgi's draining of an unread request body when the app
   asked to close the connection: an early 403 to a 100 GiB PUT must not read
-  100 GiB.
+  100 GiB. `Handler` then drops the rest of the body for a bounded while
+  before closing (a lingering close), so that the client still gets the
+  answer instead of a connection reset.
 - Servers spawn from a `gevent.pool.Pool`, so `stop()` kills the handlers
   still running.
 """
@@ -19,12 +21,14 @@ import logging
 import os
 import socket
 import ssl
+import time
 
 import gevent
 from gevent import pool
 from gevent import pywsgi
 
 from . import config
+from . import errors
 from . import web
 
 log = logging.getLogger("server")
@@ -77,10 +81,48 @@ class Handler(pywsgi.WSGIHandler):
         env[web.CONNECTION_KEY] = self.connection
         return env
 
+    # Closing a socket with unread request data makes the kernel reset the
+    # connection, and the client may lose the answer it has not read yet (a
+    # client uploading a body reads the answer only once it has sent it).
+    # After refusing a request without reading its body, the rest of the body
+    # is dropped for a bounded while before closing: a "lingering close".
+    linger_s = 2.0
+    linger_bytes = 256 * 1024**2
+
     def handle_one_response(self):
         super().handle_one_response()
         if self.connection.close_after_response:
             self.close_connection = True
+            self._linger()
+
+    def _linger(self):
+        inp = self.wsgi_input
+        sock = self.socket
+        if inp is None or sock is None:
+            return
+        if inp.chunked_input:
+            unread = inp.chunk_length != 0
+        else:
+            unread = inp.position < (inp.content_length or 0)
+        if not unread:
+            return
+        deadline = time.monotonic() + self.linger_s
+        left = self.linger_bytes
+        buf = bytearray(256 * 1024)
+        try:
+            # The answer is sent: end our side, then drop what comes.
+            sock.shutdown(socket.SHUT_WR)
+            while left > 0:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                sock.settimeout(timeout)
+                count = sock.recv_into(buf)
+                if not count:
+                    break
+                left -= count
+        except OSError:
+            pass
 
     def read_requestline(self):
         try:
@@ -123,6 +165,15 @@ class Handler(pywsgi.WSGIHandler):
         log.warning("invalid request from %s", self._client())
 
     def _log_error(self, t, v, tb):
+        if self.connection.aborted and issubclass(t, (OSError, errors.Canceled)):
+            # The session was canceled, expired or removed: its transfer was
+            # cut on purpose, this is no server fault.
+            log.info("transfer to %s aborted: session canceled", self._client())
+            return
+        if issubclass(t, (ConnectionError, ssl.SSLEOFError)):
+            # The client went away mid-response: a client's choice.
+            log.info("connection from %s lost: %s", self._client(), v)
+            return
         # pywsgi would print the environ (session id in PATH_INFO).
         log.error("request failed: %s: %s", t.__name__, v, exc_info=(t, v, tb))
 

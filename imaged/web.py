@@ -25,10 +25,48 @@ CONNECTION_KEY = "imaged.connection"
 
 def make_app():
     """A Bottle app answering its own errors (404, 405, 500) in plain text."""
-    app = bottle.Bottle(catchall=True)
+    app = _App(catchall=True)
     app.config["json.enable"] = False
     app.default_error_handler = _plain_error
     return app
+
+
+class _App(bottle.Bottle):
+    """
+    A Bottle app that also works under WSGI servers other than ours
+    (webtest in the tests): a request arriving without a connection from
+    imaged.server gets its own, closed when the response ends, so that it
+    is not counted in its session forever.
+    """
+
+    def __call__(self, environ, start_response):
+        if CONNECTION_KEY in environ:
+            return super().__call__(environ, start_response)
+        conn = environ[CONNECTION_KEY] = Connection(None)
+        try:
+            result = super().__call__(environ, start_response)
+        except BaseException:
+            conn.close()
+            raise
+        return _ClosingResult(result, conn.close)
+
+
+class _ClosingResult:
+    """A WSGI response iterable calling `on_close` after its own close()."""
+
+    def __init__(self, result, on_close):
+        self._result = result
+        self._on_close = on_close
+
+    def __iter__(self):
+        return iter(self._result)
+
+    def close(self):
+        try:
+            if hasattr(self._result, "close"):
+                self._result.close()
+        finally:
+            self._on_close()
 
 
 def _plain_error(res):
@@ -71,11 +109,12 @@ def error_response(e, close=False):
     headers = {"Content-Type": "text/plain; charset=utf-8"}
     if isinstance(e, errors.RangeNotSatisfiable) and e.size is not None:
         headers["Content-Range"] = f"bytes */{e.size}"
-    if e.status == 403 or close or isinstance(e, ClientGone):
+    conn = bottle.request.environ.get(CONNECTION_KEY)
+    if e.status == 403 or close or isinstance(e, ClientGone) or \
+            (conn is not None and conn.close_after_response):
         # A refused client may be sending a huge body: close instead of
         # reading it all (see imaged.server.Input).
         headers["Connection"] = "close"
-        conn = bottle.request.environ.get(CONNECTION_KEY)
         if conn is not None:
             conn.close_after_response = True
     return bottle.HTTPResponse(f"{e.message}\n", status=e.status, **headers)
@@ -150,6 +189,8 @@ class Connection:
     def __init__(self, sock, inactivity_timeout_s=None):
         self.sock = sock
         self.close_after_response = False
+        # Torn down by abort(): failures of its requests are expected.
+        self.aborted = False
         self.inactivity_timeout_s = inactivity_timeout_s
         self._buffers = None
         self._buffer_size = 0
@@ -191,6 +232,7 @@ class Connection:
     def abort(self):
         """Tear the connection down, waking any greenlet blocked on it."""
         self.close_after_response = True
+        self.aborted = True
         if self.sock is not None:
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)

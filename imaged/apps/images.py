@@ -55,6 +55,15 @@ def make_app(registry, cfg, unix_socket=None):
 
     @web.handles_errors
     def put(session_id):
+        try:
+            return _put(session_id)
+        except errors.Error:
+            # The rest of the body may still be on the wire, up to many GiB:
+            # close the connection instead of reading it.
+            conn().close_after_response = True
+            raise
+
+    def _put(session_id):
         environ = bottle.request.environ
         flush = _flush_param(bottle.request.query.get("flush", "y"))
         session = service.session(session_id, "write", conn())
@@ -80,12 +89,7 @@ def make_app(registry, cfg, unix_socket=None):
         if last is not None and last - offset + 1 != length:
             raise errors.BadRequest(
                 "Content-Range does not match Content-Length")
-        try:
-            service.write(session, offset, length, body, conn(), flush)
-        except errors.RangeNotSatisfiable:
-            # The body is still on the wire: do not read it.
-            conn().close_after_response = True
-            raise
+        service.write(session, offset, length, body, conn(), flush)
         return bottle.HTTPResponse(status=200, **{"Content-Length": "0"})
 
     @web.handles_errors
