@@ -83,8 +83,8 @@ class Images:
     def check_range(session, offset, length):
         if offset < 0 or length < 0 or offset + length > session.size:
             raise errors.RangeNotSatisfiable(
-                f"range {offset}-{offset + length} is outside the image "
-                f"(size {session.size})", session.size)
+                f"range [{offset}, {offset + length}) is outside the image "
+                f"[0, {session.size})", session.size)
 
     # Backend and operation lifecycle.
 

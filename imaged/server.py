@@ -90,7 +90,12 @@ class Handler(pywsgi.WSGIHandler):
     linger_bytes = 256 * 1024**2
 
     def handle_one_response(self):
-        super().handle_one_response()
+        try:
+            super().handle_one_response()
+        finally:
+            # The response is sent (or abandoned): an idle keep-alive
+            # connection holds no transfer buffers.
+            self.connection.release_buffers()
         if self.connection.close_after_response:
             self.close_connection = True
             self._linger()

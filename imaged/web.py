@@ -16,6 +16,7 @@ import socket
 
 import bottle
 
+from . import buffers
 from . import errors
 
 log = logging.getLogger("web")
@@ -181,8 +182,8 @@ class Connection:
     """
     State of one client connection, shared by its requests.
 
-    Holds the reusable transfer buffers (allocated on first use, so idle
-    keep-alive connections cost no buffer memory), counts the connection in
+    Borrows transfer buffers for a request (so idle keep-alive connections
+    cost no buffer memory), counts the connection in
     each session it uses, and can be aborted from another greenlet.
     """
 
@@ -197,19 +198,26 @@ class Connection:
         self._sessions = set()
 
     def buffers(self, size, count=2):
-        """`count` aligned buffers of `size` bytes, reused across requests."""
+        """
+        `count` aligned buffers of `size` bytes for the current request.
+
+        Borrowed from the daemon-wide pool and given back by
+        release_buffers() when the request ends.
+        """
         if self._buffers is None or self._buffer_size != size \
                 or len(self._buffers) < count:
-            from . import util
             self.release_buffers()
-            self._buffers = [util.aligned_buffer(size) for _ in range(count)]
+            pool = buffers.pool(size)
+            self._buffers = [pool.get() for _ in range(count)]
             self._buffer_size = size
         return [memoryview(b) for b in self._buffers[:count]]
 
     def release_buffers(self):
+        """Give the request's buffers back to the pool."""
         if self._buffers is not None:
+            pool = buffers.pool(self._buffer_size)
             for b in self._buffers:
-                b.close()
+                pool.put(b)
             self._buffers = None
 
     def use_session(self, session, max_connections):

@@ -192,7 +192,8 @@ class Daemon:
                 "size": os.path.getsize(path) if size is None else size,
                 "ops": list(ops), "timeout": timeout}
         body.update(extra)
-        r = self.control().put(self.control_url + sid, data=json.dumps(body))
+        with self.control() as c:
+            r = c.put(self.control_url + sid, data=json.dumps(body))
         assert r.status_code == 200, r.text
         return sid
 

@@ -876,3 +876,21 @@ def test_curl_errors(daemon, tmp_path):
                        capture_output=True, timeout=60)
     assert p.returncode == 22
     assert read_file(path) == bytes(content)
+
+
+def test_close_query_closes_the_connection(daemon, sparse_image):
+    path, _ = sparse_image
+    sid = daemon.add_session(path)
+    with socket.create_connection(("127.0.0.1", daemon.tcp_port), timeout=10) as s:
+        s.sendall(f"GET /images/{sid}?close=y HTTP/1.1\r\nHost: x\r\n"
+                  f"Range: bytes=0-9\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 206")
+    assert b"Connection: close" in head
+    assert len(body) == 10

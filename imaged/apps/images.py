@@ -5,6 +5,8 @@ Handlers parse and validate the HTTP request, then call imaged.images.
 The session id is the last URL component (before /extents or /checksum).
 """
 
+import functools
+
 import bottle
 
 from .. import blkhash
@@ -14,6 +16,41 @@ from .. import ranges
 from .. import web
 
 PREFIXES = ("/images/",)
+
+# Browsers may cache a CORS preflight answer this long.
+CORS_MAX_AGE_S = 24 * 3600
+
+
+def browser_friendly(func):
+    """
+    Add what a browser needs to the handler's response.
+
+    The engine's web UI uploads and downloads from the browser straight to
+    the host: the answers carry CORS headers (any origin: the session id in
+    the URL is the authorization, not the origin), and `?close=y` closes
+    the connection after the answer, as ovirt-imageio does.
+    """
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        response = func(*args, **kwargs)
+        environ = bottle.request.environ
+        cors = False
+        if environ.get("HTTP_ORIGIN"):
+            response.set_header("Access-Control-Allow-Origin", "*")
+            cors = True
+        if environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"):
+            response.set_header("Access-Control-Allow-Headers", "*")
+            cors = True
+        if environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"):
+            response.set_header("Access-Control-Allow-Methods", "OPTIONS,GET,PUT")
+            cors = True
+        if cors:
+            response.set_header("Access-Control-Max-Age", str(CORS_MAX_AGE_S))
+        if bottle.request.query.get("close") == "y":
+            response.set_header("Connection", "close")
+            web.connection(environ).close_after_response = True
+        return response
+    return wrapper
 
 
 def make_app(registry, cfg, unix_socket=None):
@@ -25,6 +62,7 @@ def make_app(registry, cfg, unix_socket=None):
     def conn():
         return web.connection(bottle.request.environ)
 
+    @browser_friendly
     @web.handles_errors
     def options(session_id):
         allow, body = service.options(session_id, conn())
@@ -32,6 +70,7 @@ def make_app(registry, cfg, unix_socket=None):
         response.set_header("Allow", ",".join(allow))
         return response
 
+    @browser_friendly
     @web.handles_errors
     def get(session_id):
         session = service.session(session_id, "read", conn())
@@ -53,6 +92,7 @@ def make_app(registry, cfg, unix_socket=None):
                 f"bytes {offset}-{offset + length - 1}/{session.size}"
         return bottle.HTTPResponse(stream, status=status, **headers)
 
+    @browser_friendly
     @web.handles_errors
     def put(session_id):
         try:

@@ -706,3 +706,45 @@ def test_method_not_allowed(app, registry, image):
     assert_error(res, 405)
     res = app.post(f"/images/{sid}", b"x", status="*")
     assert_error(res, 405)
+
+
+# Browsers: the engine's web UI talks to the images API directly.
+
+def test_cors_preflight(app, registry, image):
+    sid = add(registry, image[0])
+    r = app.options(f"/images/{sid}", headers={
+        "Origin": "https://engine.example.com:8443",
+        "Access-Control-Request-Method": "PUT",
+        "Access-Control-Request-Headers": "content-range,content-type"})
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert r.headers["Access-Control-Allow-Methods"] == "OPTIONS,GET,PUT"
+    assert r.headers["Access-Control-Allow-Headers"] == "*"
+    assert r.headers["Access-Control-Max-Age"] == "86400"
+
+
+def test_cors_on_get_and_put(app, registry, image):
+    sid = add(registry, image[0])
+    origin = {"Origin": "https://engine.example.com:8443"}
+    r = app.get(f"/images/{sid}", headers=dict(origin, Range="bytes=0-9"), status=206)
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    r = app.put(f"/images/{sid}", b"x" * 10, headers=origin)
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    # Errors too, so the browser can show them.
+    r = app.get("/images/no-such-session", headers=origin, status=403)
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_no_cors_headers_without_origin(app, registry, image):
+    sid = add(registry, image[0])
+    r = app.get(f"/images/{sid}", headers={"Range": "bytes=0-9"}, status=206)
+    assert "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_close_query_closes_the_connection(app, registry, image):
+    sid = add(registry, image[0])
+    r = app.get(f"/images/{sid}?close=y", headers={"Range": "bytes=0-9"}, status=206)
+    assert r.headers["Connection"] == "close"
+    r = app.put(f"/images/{sid}?close=y", b"x" * 10)
+    assert r.headers["Connection"] == "close"
+    r = app.get(f"/images/{sid}", headers={"Range": "bytes=0-9"}, status=206)
+    assert "Connection" not in r.headers
