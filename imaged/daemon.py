@@ -114,11 +114,18 @@ class Daemon:
         self._stopped.set()
 
     def _close_listeners(self, timeout):
+        # All at once: the grace period is shared, not paid per listener.
         for listener in self.listeners:
-            try:
-                listener.stop(timeout)
-            except Exception:
-                log.exception("stopping listener %s failed", listener.name)
+            listener.close()
+        gevent.joinall([gevent.spawn(self._stop_listener, lst, timeout)
+                        for lst in self.listeners])
+
+    @staticmethod
+    def _stop_listener(listener, timeout):
+        try:
+            listener.stop(timeout)
+        except Exception:
+            log.exception("stopping listener %s failed", listener.name)
 
 
 def _thread_lock():

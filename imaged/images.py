@@ -89,16 +89,19 @@ class Images:
     # Backend and operation lifecycle.
 
     def _open(self, session, mode):
-        path = sessions.url_path(session.url)
+        backend = open_backend(session.url, mode, sparse=session.sparse,
+                               direct=self.direct_io, rmw_lock=session.rmw_lock)
         if self.allowed_dirs:
-            real = os.path.realpath(path)
+            # Check what was opened, not the name: no symlink, "..", or
+            # rename between a check and the open can lead elsewhere.
+            real = os.path.realpath(f"/proc/self/fd/{backend.fileno()}")
             if not any(real == d or real.startswith(d.rstrip("/") + "/")
                        for d in self.allowed_dirs):
+                backend.close()
                 log.warning("session %s: image outside allowed_dirs refused",
                             session.name)
                 raise errors.Forbidden("image is outside the allowed directories")
-        return open_backend(session.url, mode, sparse=session.sparse,
-                            direct=self.direct_io, rmw_lock=session.rmw_lock)
+        return backend
 
     @contextlib.contextmanager
     def operation(self, session, kind, offset, length, conn, mode="r"):
@@ -118,7 +121,12 @@ class Images:
             try:
                 yield backend, runner, op
             finally:
-                runner.run(backend.close)
+                try:
+                    runner.run(backend.close)
+                except Exception:
+                    # Never hide the operation's own error behind this one.
+                    log.exception("session %s: closing the image failed",
+                                  session.name)
         finally:
             session.remove_operation(op)
 

@@ -21,6 +21,9 @@ from . import util
 # even when the file system zeroes gigabytes in one call.
 ZERO_STEP_BYTES = 1024**3
 
+# Reads are handed to the server in pieces of this size (see read()).
+SEND_SLICE_BYTES = 1024**2
+
 
 class Runner:
     """Runs blocking calls in the threadpool, at most `slots` at once."""
@@ -85,7 +88,11 @@ def read(backend, runner, op, offset, length, buffers):
             i = 1 - i
             if pos < end:
                 pending = submit(i, pos)
-            yield view
+            # Smaller pieces for the server to send: the socket timeout
+            # bounds each send, and a slow but steady client must not be
+            # taken for an idle one.
+            for start in range(0, count, SEND_SLICE_BYTES):
+                yield view[start:start + SEND_SLICE_BYTES]
             op.progress(count)
     finally:
         if pending is not None:

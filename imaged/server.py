@@ -19,6 +19,7 @@ import errno
 import grp
 import logging
 import os
+import re
 import socket
 import ssl
 import time
@@ -57,11 +58,13 @@ class Handler(pywsgi.WSGIHandler):
             self.socket, inactivity_timeout_s=self.inactivity_timeout_s)
         if self.inactivity_timeout_s:
             self.socket.settimeout(self.inactivity_timeout_s)
+        self.server.connections.add(self.connection)
         try:
             super().handle()
         except socket.timeout:
             log.debug("dropping idle connection from %s", self._client())
         finally:
+            self.server.connections.discard(self.connection)
             self.connection.close()
 
     def _client(self):
@@ -79,6 +82,9 @@ class Handler(pywsgi.WSGIHandler):
         if env.get("wsgi.input") is old:
             env["wsgi.input"] = new
         env[web.CONNECTION_KEY] = self.connection
+        # The path as sent, before pywsgi's percent-decoding, so that the
+        # dispatcher can tell an encoded slash from a real one.
+        env["imaged.raw_path"] = self.path.split("?", 1)[0]
         return env
 
     # Closing a socket with unread request data makes the kernel reset the
@@ -90,9 +96,11 @@ class Handler(pywsgi.WSGIHandler):
     linger_bytes = 256 * 1024**2
 
     def handle_one_response(self):
+        self.connection.busy = True
         try:
             super().handle_one_response()
         finally:
+            self.connection.busy = False
             # The response is sent (or abandoned): an idle keep-alive
             # connection holds no transfer buffers.
             self.connection.release_buffers()
@@ -150,6 +158,13 @@ class Handler(pywsgi.WSGIHandler):
             raise
 
     def read_request(self, raw_requestline):
+        line = raw_requestline.rstrip("\r\n")
+        if _UNSAFE_REQUEST_LINE.search(line):
+            # pywsgi splits the line on any Unicode white space, so bytes
+            # like \x1e would end the path early and change its meaning.
+            self._header_deadline.close()
+            log.warning("invalid request line from %s", self._client())
+            return False
         try:
             return super().read_request(raw_requestline)
         except socket.timeout:
@@ -192,12 +207,42 @@ class Dispatcher:
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
+        problem = _path_problem(environ)
+        if problem:
+            body = f"invalid path: {problem}\n".encode()
+            start_response("400 Bad Request", [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                ("Connection", "close")])
+            return [body]
         for prefix, app in self._apps:
             if path.startswith(prefix) or path == prefix.rstrip("/"):
                 return app(environ, start_response)
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
                                          ("Content-Length", "17")])
         return [b"No such resource\n"]
+
+
+# Control bytes and the extra white space of latin-1 have no place in a
+# request line.
+_UNSAFE_REQUEST_LINE = re.compile("[\x00-\x1f\x7f\x85\xa0]")
+
+_ENCODED_SEPARATOR = re.compile("%(2f|5c|00)", re.IGNORECASE)
+
+
+def _path_problem(environ):
+    """Why the request path is refused, or None if it is fine."""
+    raw = environ.get("imaged.raw_path")
+    if raw is not None and _ENCODED_SEPARATOR.search(raw):
+        # An encoded slash must not split a session id from its resource.
+        return "encoded '/', '\\' or NUL"
+    try:
+        # WSGI carries the path bytes as latin-1; Bottle would decode them as
+        # UTF-8 ignoring errors, silently turning "A%80" into "A".
+        environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return "not UTF-8"
+    return None
 
 
 def make_ssl_context(tls):
@@ -325,7 +370,17 @@ class Listener:
                  self.config["kind"], ",".join(self.config["apps"]),
                  _show_address(self.address))
 
+    def close(self):
+        """Stop accepting, and drop connections waiting for a request."""
+        if not self.server.closed:
+            self.server.close()
+        for conn in list(self.server.connections):
+            if not conn.busy:
+                conn.abort()
+
     def stop(self, timeout):
+        """Wait up to `timeout` for running requests, then end them."""
+        self.close()
         self.server.stop(timeout=timeout)
         path = self.config.get("path")
         if self.config["kind"] == "unix" and not path.startswith("\0"):
@@ -343,6 +398,11 @@ def _show_address(addr):
 
 class _Server(pywsgi.WSGIServer):
     """WSGIServer with a deadline on the TLS handshake and quiet failures."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The web.Connection of every open client connection.
+        self.connections = set()
 
     def wrap_socket_and_handle(self, client_socket, address):
         # A client that connects and never speaks must not hold a greenlet

@@ -46,7 +46,8 @@ _MAX_SAMPLES = 64
 
 def check_id(session_id):
     """Raise BadRequest unless `session_id` can name a session."""
-    if not isinstance(session_id, str) or not _ID_RE.match(session_id):
+    if not isinstance(session_id, str) or not _ID_RE.match(session_id) \
+            or session_id in (".", ".."):
         raise errors.BadRequest(
             "invalid session id: expected 1-128 characters of A-Z a-z 0-9 . _ ~ -")
 
@@ -83,9 +84,12 @@ def parse_spec(session_id, body):
     spec["inactivity_timeout"] = integer_field(
         body, "inactivity_timeout", minval=1, default=None)
     transfer_id = body.get("transfer_id")
-    if transfer_id is not None and (not isinstance(transfer_id, str)
-                                    or len(transfer_id) > 256):
-        raise errors.BadRequest("invalid transfer_id: expected a string")
+    if transfer_id is not None and (
+            not isinstance(transfer_id, str) or len(transfer_id) > 256
+            or not transfer_id.isprintable()):
+        # It goes into log lines: no newline may forge one.
+        raise errors.BadRequest(
+            "invalid transfer_id: expected a printable string of at most 256 characters")
     spec["transfer_id"] = transfer_id
     return spec
 
@@ -135,18 +139,15 @@ def _url(body):
     if not isinstance(url, str):
         raise errors.BadRequest("invalid url: expected a string")
     parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") \
-            or parsed.query or parsed.fragment:
+    if parsed.scheme != "file" or parsed.netloc or parsed.query \
+            or parsed.fragment or not parsed.path.startswith("/") \
+            or "\0" in parsed.path:
         raise errors.BadRequest("invalid url: expected file:///absolute/path")
-    path = urllib.parse.unquote(parsed.path)
-    if not path.startswith("/") or "\0" in path:
-        raise errors.BadRequest("invalid url: expected file:///absolute/path")
+    if "%" in parsed.path:
+        # Paths are used as written (see url_path): an escape would mean
+        # one thing to a reader and another to the file system.
+        raise errors.BadRequest("invalid url: percent-encoded paths are not supported")
     return url
-
-
-def url_path(url):
-    """The local path of a validated `file://` session url."""
-    return urllib.parse.unquote(urllib.parse.urlsplit(url).path)
 
 
 class Operation:

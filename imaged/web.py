@@ -98,6 +98,10 @@ def handles_errors(func):
         except bottle.HTTPResponse:
             raise
         except errors.Error as e:
+            if e.status >= 500:
+                # A fault on our side (an I/O error on the image): the
+                # client gets the message, the operator a log line.
+                log.error("%s failed: %s", func.__name__, e.message)
             return error_response(e)
         except Exception:
             log.exception("internal error in %s", func.__name__)
@@ -162,6 +166,8 @@ def read_json(environ, max_bytes):
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise errors.BadRequest(f"invalid JSON body: {e}") from None
+    except RecursionError:
+        raise errors.BadRequest("invalid JSON body: nested too deeply") from None
 
 
 def _close_connection(environ):
@@ -192,6 +198,8 @@ class Connection:
         self.close_after_response = False
         # Torn down by abort(): failures of its requests are expected.
         self.aborted = False
+        # A request is being answered (idle connections can be dropped).
+        self.busy = False
         self.inactivity_timeout_s = inactivity_timeout_s
         self._buffers = None
         self._buffer_size = 0

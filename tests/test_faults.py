@@ -214,11 +214,6 @@ def test_client_that_stops_reading_is_dropped(daemon, tmp_path, kind):
     assert alive(daemon)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the inactivity timeout is a socket timeout, and gevent's sendall() "
-    "applies it to a whole chunk (images.buffer_size_bytes): a client reading "
-    "steadily but slower than buffer_size/inactivity_timeout is dropped "
-    "although it is never idle"))
 def test_slow_but_steady_reader_is_not_dropped(daemon, tmp_path):
     # 2 MiB/s, never pausing more than a few ms, with a 1 s inactivity
     # timeout: an 8 MiB chunk takes 4 s to send (2 s once the socket buffers
@@ -406,12 +401,6 @@ def test_sigterm_mid_transfer(daemon, tmp_path):
     assert "received SIGTERM" in log and "imaged stopped" in log
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (minor): Daemon._close_listeners stops the listeners one after the "
-    "other, and each WSGIServer.stop(timeout) waits the whole "
-    "server.stop_timeout_s for idle keep-alive connections (handlers waiting "
-    "for a next request): SIGTERM takes listeners x stop_timeout_s although "
-    "no request runs"))
 def test_sigterm_with_idle_keepalive_connections_is_prompt(make_daemon):
     d = make_daemon({"server": {"stop_timeout_s": 1}})
     idle = []
@@ -477,10 +466,6 @@ def test_disk_full(small_fs, daemon, tmp_path):
     assert alive(daemon)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: FileBackend.close() raises BufferError (an mmap with exported "
-    "pointers) after a failed zero; it replaces the ENOSPC error and the "
-    "client gets 'Internal server error' without the reason"))
 def test_disk_full_zero_reports_the_reason(small_fs, daemon):
     # A non-sparse session keeps zeroes allocated: on tmpfs (no ZERO_RANGE)
     # zeroes are written, and the file system fills up.
@@ -574,10 +559,7 @@ def daemon_has_open(daemon, path):
 
 @pytest.mark.parametrize("offset,length", [
     (0, 4096),
-    pytest.param(100, 1000, marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: FileBackend.close() raises BufferError when a read-modify-write "
-        "failed (a bounce buffer slice is still referenced by the traceback); "
-        "the EIO is replaced by 'Internal server error'"))),
+    (100, 1000),
 ], ids=["aligned", "unaligned"])
 def test_io_error_on_open_image(ext4, daemon, offset, length):
     # The image is open (the PUT waits for its body) when the disk dies.
@@ -646,9 +628,6 @@ def test_io_errors_on_a_block_device(daemon, tmp_path):
         daemon.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: web.handles_errors answers errors.StorageError (500) without any "
-    "log line; the spec wants '500 with a log line for server faults'"))
 def test_storage_errors_are_logged(small_fs, daemon):
     full = sparse_file(os.path.join(small_fs, "full.raw"), 16 * MiB)
     sid = daemon.add_session(full, transfer_id="enospc-transfer")

@@ -280,10 +280,6 @@ def test_patch_body(env, body, read_only):
     env.check_image()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: imaged/web.py read_json() catches ValueError and "
-    "UnicodeDecodeError but not RecursionError: a deeply nested JSON body "
-    "(2000 '[' fit in max_body_bytes) answers 500 instead of 400"))
 @pytest.mark.parametrize("app", ["images", "control"])
 def test_deeply_nested_json(env, app):
     body = b"[" * 2000 + b"]" * 2000
@@ -311,10 +307,6 @@ def test_query_parameters(env, query, what):
     assert res.status_int in (200, 400, 404, 416), res.status
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: imaged/apps/images.py _query_int() accepts str.isdigit() strings "
-    "such as '²' (a latin-1 %B2 in the query) that int() rejects: "
-    "ValueError -> 500 'Internal server error'"))
 @pytest.mark.parametrize("query", ["extents?start=%B2", "extents?length=%B3",
                                    "checksum?block_size=%B9"])
 def test_superscript_digits_in_query(env, query):
@@ -552,11 +544,6 @@ def test_http_0_9_style_request_line(real):
     assert_harmless(real, r, before_image, before_registry)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): pywsgi decodes %2F into PATH_INFO, so an encoded slash inside "
-    "the session id component acts as a path separator: "
-    "/images/<sid>%2Fextents is served as /images/<sid>/extents. Refuse "
-    "encoded slashes (400) in imaged/server.py Handler.get_environ"))
 @pytest.mark.parametrize("path", ["/images/{sid}%2Fextents", "/images/{sid}%2fchecksum"])
 def test_encoded_slash_is_not_a_separator(real, path):
     r = request(real, "GET", path.replace("{sid}", real.sid))
@@ -674,11 +661,6 @@ def utf8_path(segment):
         return False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: bottle 0.13 Bottle._handle decodes PATH_INFO with "
-    "decode('utf8', 'ignore'): invalid UTF-8 bytes are silently dropped, so "
-    "/images/<sid>%80 reaches session <sid> and PUT /sessions/A%80 adds "
-    "session 'A'. Refuse such paths (400) before bottle sees them"))
 @pytest.mark.parametrize("where", ["images-raw", "images-encoded", "control"])
 def test_invalid_utf8_is_not_dropped(real, where):
     before_image, before_registry = digest(real.image), registry_state(real)
@@ -696,12 +678,6 @@ def test_invalid_utf8_is_not_dropped(real, where):
     assert_harmless(real, r, before_image, before_registry)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (low): pywsgi splits the request line with str.split(), so the "
-    "latin-1 'whitespace' bytes \\t \\x0b \\x0c \\x1c-\\x1f \\x85 \\xa0 inside "
-    "a path end it: 'DELETE /sessions/\\x1e HTTP/1.1' is served as "
-    "'DELETE /sessions/' and removes every session. imaged/server.py "
-    "Handler should refuse (400) request lines with control characters"))
 @pytest.mark.parametrize("byte", [b"\x1e", b"\x0b", b"\xa0"], ids=["x1e", "x0b", "xa0"])
 def test_control_characters_do_not_split_the_request_line(make_daemon, tmp_path, byte):
     d = make_daemon()
@@ -740,10 +716,6 @@ def test_only_absolute_file_urls(real, url):
     assert registry_state(real) == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: sessions._url accepts file://localhost/path, but "
-    "backends.open_backend refuses any netloc: the session is added (200) "
-    "and every request on it answers 400 'Invalid image url'"))
 def test_accepted_url_is_usable(real):
     url = "file://localhost" + real.image
     r = control_request(real, "PUT", "/sessions/localhost-url", {
@@ -832,12 +804,6 @@ def test_allowed_dirs_refuse_escapes(confined, tmp_path, how):
     assert alive(confined)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: images.Images._open checks allowed_dirs on the percent-DECODED "
-    "path (sessions.url_path) but open_backend opens the RAW path; a "
-    "directory named with '%2F' inside an allowed dir lets '..' climb out: "
-    "file:///allowed/x%2Fx%2Fx/../../../secret is checked as "
-    "/allowed/secret but opens /secret"))
 def test_allowed_dirs_encoded_slash_escape(confined, tmp_path):
     a = confined.allowed
     depth = len(str(a).strip("/").split("/"))

@@ -55,6 +55,10 @@ def test_parse_spec_defaults():
     ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1, "color": 1}, "color"),
     ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1,
       "inactivity_timeout": 0}, "inactivity_timeout"),
+    ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1,
+      "transfer_id": "t1\nforged log line"}, "transfer_id"),
+    ({"url": "file:///a%2e%2e/b", "size": 1, "ops": ["read"], "timeout": 1}, "url"),
+    ({"url": "file://localhost/a", "size": 1, "ops": ["read"], "timeout": 1}, "url"),
     ([1, 2], "object"),
 ])
 def test_parse_spec_names_the_bad_field(body, field):
@@ -63,7 +67,7 @@ def test_parse_spec_names_the_bad_field(body, field):
     assert field in str(e.value)
 
 
-@pytest.mark.parametrize("sid", ["", "a/b", "a b", "x" * 129, "\u00e9", "a\0b"])
+@pytest.mark.parametrize("sid", ["", "a/b", "a b", "x" * 129, "\u00e9", "a\0b", ".", ".."])
 def test_bad_ids(sid):
     with pytest.raises(errors.BadRequest):
         sessions.check_id(sid)

@@ -218,6 +218,7 @@ def _query_int(query, name, default):
     raw = query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 20:
+    # isdigit() alone takes "²", which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 20:
         raise errors.BadRequest(f"invalid {name}: expected a non-negative integer")
     return int(raw)

@@ -252,6 +252,10 @@ class FileBackend:
             return iter((Extent(start, end - start, False),))
         return _merged(self._seek_extents(start, end))
 
+    def fileno(self):
+        """The file descriptor of the open image."""
+        return self._fd
+
     def close(self):
         """Close the image and free buffers. Safe to call more than once."""
         for name in ("_fd", "_buffered_fd"):
@@ -262,10 +266,16 @@ class FileBackend:
         for view, mapping in (("_bounce", "_bounce_map"),
                               ("_zero_buf", "_zero_map")):
             if getattr(self, view) is not None:
-                getattr(self, view).release()
-                getattr(self, mapping).close()
+                mem = getattr(self, mapping)
                 setattr(self, view, None)
                 setattr(self, mapping, None)
+                try:
+                    mem.close()
+                except BufferError:
+                    # A slice of the buffer is still referenced, e.g. from
+                    # the traceback of a failed I/O call: the mapping goes
+                    # away with the last reference.
+                    pass
 
     def __enter__(self):
         return self
