@@ -1,0 +1,1454 @@
+#!/usr/bin/env python3
+"""
+imaged benchmark, side by side with nginx and ovirt-imageio.
+
+    bench/run [--smoke] [--reps N] [--keep] [--no-nginx] [--no-ovirt] ...
+    make bench          # full run (about 15-25 minutes on 2 cores)
+    make bench-smoke    # a few seconds: proves the harness works
+
+See docs/benchmarks.md for how to read the results. Everything the run
+creates lives in bench/out/ (or --out); the large images are removed at the
+end unless --keep. Everything started is stopped at the end, also on a
+failure or Ctrl-C.
+
+Methodology
+-----------
+
+Images. A fully allocated raw file of random data (2 GiB; 32 MiB in smoke
+mode) and a sparse raw file (8 GiB; 256 MiB in smoke mode) with about 10%
+of its size in data extents scattered over the whole file (one extent of
+64 KiB-3 MiB at a random place in every 16 MiB; seeded, so every run makes
+the same layout). Uploads go to a separate, preallocated file per server.
+
+Servers, all on loopback, started by this script with their own config:
+imaged from this tree (default config but for the listeners), nginx from
+the distribution package (HTTPS GET of the same file, `worker_processes
+auto`, access log off) and ovirt-imageio from PyPI in its own virtualenv
+(a file ticket added over its control socket). Each gets the same
+self-signed certificate.
+
+Clients. curl for HTTPS and unix-socket GET and PUT (PUT with `flush=y`
+and no `Expect: 100-continue` round trip), imaged-client for upload and
+download with 1 and 4 connections and for the sparse download, over HTTPS
+(`--no-unix-socket`: a client on this host would otherwise switch to the
+server's unix socket, which the curl rows already cover).
+
+Interleaving. For each transfer kind, the repetitions alternate between the
+servers: imaged, peer(s), imaged, peer(s), ... so a drift of the machine
+(absolute numbers here drift up to 2x between runs) hits every server
+alike. Only the ratios of one run mean anything. The table shows medians
+of the repetitions (5 by default); results.json keeps every sample.
+
+Throughput is the transferred image size (virtual size for the sparse
+download) divided by the wall time of the client process (curl's
+time_total for curl), in GB/s (10^9 bytes/s), TLS handshake and
+connection setup included.
+
+Verification, always outside the timed part; a failure fails the run.
+Every upload: before it the destination is zeroed (fallocate ZERO_RANGE,
+so it stays allocated), after it the destination is compared with the
+source (cmp). Every imaged-client download: written to a scratch file in
+RAM (/dev/shm when it has room, so the client's disk does not limit
+downloads) and compared with the source. curl downloads: timed into
+/dev/null (writing 2 GiB into RAM costs curl ~1.5 s of CPU, which a 2-core
+machine takes from the server), checking curl's byte count; for each
+server and path one extra, untimed download into RAM is compared with the
+source before the timed ones. --verify-every-get verifies every curl
+download instead (timed into RAM).
+
+Server CPU and memory. Around each transfer the script reads the server's
+CPU time (utime + stime of /proc/PID/stat, all threads, summed over the
+server's processes: nginx's master and workers) and its peak RSS: before
+the transfer it resets the peak with `echo 5 > /proc/PID/clear_refs`
+(Linux resets VmHWM to the current RSS), after it reads VmHWM from
+/proc/PID/status. So "peak RSS" is the server's high-water mark during that
+transfer (summed over processes for nginx), not the growth. Where
+clear_refs is not writable the cumulative VmHWM is reported (marked in the
+output).
+
+Idle keep-alive connections. N (50) TLS connections each GET 16 MiB (two
+chunks, so a connection's buffers are in use) and then stay open and idle;
+the growth of the server's VmRSS from before the first connection to when
+all are idle is reported.
+
+Machine limits, measured in the same run (at the start and again at the
+end): dd with O_DIRECT reading the 2 GiB image and writing a new file of
+the same size, and `openssl speed -evp aes-128-gcm` (and aes-256-gcm, the
+cipher TLS 1.3 negotiates here) on one core.
+
+Profiling. With --profile, after the measurements, one extra transfer of
+each curl kind and of the 4-connection client transfers runs against
+imaged under py-spy (installed in the running
+venv if missing); collapsed stacks and a top-functions summary go to the
+out directory. Profiled transfers are not part of the table.
+"""
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import datetime
+import http.client
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+GB = 10**9
+
+OVIRT_VERSION = "2.5.1"
+
+# Targets of issue 5: (case, peer, minimum ratio imaged/peer).
+TARGETS = [
+    ("https-get", "nginx", 1.0),
+    ("https-get", "ovirt-imageio", 1.7),
+    ("https-put", "ovirt-imageio", 1.3),
+    ("unix-get", "ovirt-imageio", 1.5),
+    ("unix-put", "ovirt-imageio", 1.5),
+    ("client-sparse-download", "ovirt-imageio", 5.0),
+]
+MAX_PEAK_RSS_MIB = 64
+MAX_IDLE_GROWTH_MIB = 10
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# Processes: everything started is stopped at the end.
+
+class Procs:
+    """Background processes started by the run; stop_all() ends them all."""
+
+    def __init__(self):
+        self._procs = []
+
+    def start(self, name, argv, **kw):
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, start_new_session=True, **kw)
+        self._procs.append((name, proc))
+        return proc
+
+    def stop(self, proc, sig=signal.SIGTERM, timeout=15):
+        if proc.poll() is None:
+            try:
+                proc.send_signal(sig)
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                # The process group: nginx workers, py-spy children.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._procs = [(n, p) for n, p in self._procs if p is not proc]
+
+    def stop_all(self):
+        for name, proc in reversed(list(self._procs)):
+            self.stop(proc)
+
+
+def run(argv, timeout, **kw):
+    """Run a command to completion (bounded); raise with its output on failure."""
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    try:
+        p = subprocess.run(argv, timeout=timeout, text=True, **kw)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"timed out after {timeout:.0f} s: {' '.join(argv)}") from None
+    if p.returncode != 0:
+        raise BenchError(f"failed ({p.returncode}): {' '.join(argv)}\n"
+                         f"{(p.stderr or '')[-2000:]}{(p.stdout or '')[-1000:]}")
+    return p
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout=30):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def unix_request(sock_path, method, url, body=None):
+    conn = UnixHTTPConnection(sock_path)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, url, body=data,
+                     headers={"Content-Type": "application/json"} if data else {})
+        r = conn.getresponse()
+        return r.status, r.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+# /proc accounting.
+
+def descendants(pid):
+    """pid and all its descendants (nginx workers)."""
+    result, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        result.append(p)
+        for task in _listdir(f"/proc/{p}/task"):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+    return result
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def status_kib(pid, key):
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    return 0
+
+
+def reset_peak(pids):
+    """Reset VmHWM to the current RSS; False if the kernel refuses."""
+    ok = True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            ok = False
+    return ok
+
+
+def peak_rss_mib(pids):
+    return sum(status_kib(p, "VmHWM") for p in pids) / 1024
+
+
+def rss_mib(pids):
+    return sum(status_kib(p, "VmRSS") for p in pids) / 1024
+
+
+# Images.
+
+def make_random_image(path, size):
+    """A fully allocated raw image of random data; reused when complete."""
+    done = path + ".done"
+    if os.path.exists(done) and os.path.exists(path) and os.path.getsize(path) == size:
+        return
+    log(f"creating {path} ({size / GiB:.2f} GiB of random data)")
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(8 * MiB, left)
+            f.write(os.urandom(n))
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+    open(done, "w").close()
+
+
+def sparse_layout(size, seed=5):
+    """(offset, length) data extents: one per 16 MiB region, ~10% of size."""
+    rng = random.Random(seed)
+    region = 16 * MiB
+    unit = 64 * KiB
+    layout = []
+    for base in range(0, size, region):
+        span = min(region, size - base)
+        length = rng.randint(1, 48) * unit          # 64 KiB - 3 MiB, mean ~1.5 MiB
+        length = min(length, span)
+        offset = base + rng.randrange(0, (span - length) // unit + 1) * unit
+        layout.append((offset, length))
+    return layout
+
+
+def make_sparse_image(path, size):
+    done = path + ".done"
+    if os.path.exists(done) and os.path.exists(path) and os.path.getsize(path) == size:
+        return
+    log(f"creating {path} ({size / GiB:.2f} GiB, ~10% data in scattered extents)")
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in sparse_layout(size):
+            f.seek(offset)
+            f.write(os.urandom(length))
+        f.flush()
+        os.fsync(f.fileno())
+    open(done, "w").close()
+
+
+def data_bytes(path):
+    """Allocated data according to SEEK_DATA/SEEK_HOLE."""
+    total = 0
+    with open(path, "rb") as f:
+        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            total += end - start
+            pos = end
+    return total
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+def prepare_destination(path, size):
+    """A preallocated destination of `size` bytes reading as zeroes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, 0)
+            os.posix_fallocate(fd, 0, size)
+        elif _libc.fallocate(fd, FALLOC_FL_ZERO_RANGE, 0, size) != 0:
+            # No ZERO_RANGE here: start over with a new allocation.
+            os.ftruncate(fd, 0)
+            os.posix_fallocate(fd, 0, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def same_content(a, b, timeout):
+    p = subprocess.run(["cmp", "-s", a, b], timeout=timeout)
+    return p.returncode == 0
+
+
+def make_certificate(cert, key):
+    if os.path.exists(cert) and os.path.exists(key):
+        return
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+         "-keyout", key, "-out", cert, "-days", "30", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], timeout=60)
+    os.chmod(key, 0o600)
+
+
+# Servers.
+
+class Server:
+    name = None
+    pid = None
+    https_url = None     # base URL ending with /images/
+    unix_socket = None   # images unix socket, if any
+
+    def pids(self):
+        return descendants(self.pid)
+
+    def add_ticket(self, path, size, ops):
+        raise NotImplementedError
+
+
+class Imaged(Server):
+    name = "imaged"
+
+    def __init__(self, env, python):
+        self.env = env
+        self.python = python
+
+    def start(self):
+        e = self.env
+        self.port = free_port()
+        self.control = os.path.join(e.sock_dir, "imaged-control.sock")
+        self.unix_socket = os.path.join(e.sock_dir, "imaged.sock")
+        cfg = {
+            "tls": {"cert_file": e.cert, "key_file": e.key},
+            "listeners": [
+                {"name": "remote", "kind": "tls", "host": "127.0.0.1",
+                 "port": self.port, "apps": ["images"]},
+                {"name": "local", "kind": "unix", "path": self.unix_socket,
+                 "apps": ["images"]},
+                {"name": "control", "kind": "unix", "path": self.control,
+                 "apps": ["sessions", "progress"]},
+            ],
+            "logging": {"level": "INFO", "file": os.path.join(e.out, "imaged.log")},
+        }
+        for section, values in json.loads(e.args.imaged_config or "{}").items():
+            cfg.setdefault(section, {}).update(values)
+        config_file = os.path.join(e.out, "imaged.yaml")
+        with open(config_file, "w") as f:
+            json.dump(cfg, f, indent=2)   # JSON is YAML
+        notify_path = os.path.join(e.sock_dir, "notify.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(notify_path)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(30)
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+        self.proc = e.procs.start(
+            "imaged", [self.python, "-m", "imaged", "--config", config_file],
+            cwd=ROOT, env=env, stdout=e.logfile("imaged.out"), stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                if self.proc.poll() is not None:
+                    raise BenchError(f"imaged exited with {self.proc.returncode}; "
+                                     f"see {e.out}/imaged.out")
+                notify.settimeout(max(0.01, min(0.5, deadline - time.monotonic())))
+                try:
+                    if b"READY=1" in notify.recv(4096):
+                        break
+                except socket.timeout:
+                    if time.monotonic() > deadline:
+                        raise BenchError("imaged did not send READY=1 within 30 s")
+        finally:
+            notify.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(notify_path)
+        self.https_url = f"https://127.0.0.1:{self.port}/images/"
+        return self
+
+    def add_ticket(self, path, size, ops):
+        sid = str(uuid.uuid4())
+        status, text = unix_request(self.control, "PUT", f"/sessions/{sid}", {
+            "url": f"file://{path}", "size": size, "ops": ops, "timeout": 24 * 3600})
+        if status != 200:
+            raise BenchError(f"imaged: adding a session failed: {status} {text}")
+        return sid
+
+
+class OvirtImageio(Server):
+    name = "ovirt-imageio"
+
+    def __init__(self, env):
+        self.env = env
+        self.venv = os.path.join(env.out, "venv-ovirt")
+
+    def install(self):
+        exe = os.path.join(self.venv, "bin", "ovirt-imageio")
+        if os.path.exists(exe):
+            return exe
+        log(f"installing ovirt-imageio {OVIRT_VERSION} into {self.venv}")
+        base = getattr(sys, "_base_executable", None) or sys.executable
+        run([base, "-m", "venv", self.venv], timeout=300)
+        run([os.path.join(self.venv, "bin", "python"), "-m", "pip", "install",
+             "--quiet", f"ovirt-imageio=={OVIRT_VERSION}"], timeout=900)
+        return exe
+
+    def start(self):
+        e = self.env
+        exe = self.install()
+        self.port = free_port()
+        d = os.path.join(e.out, "ovirt")
+        run_dir = os.path.join(e.sock_dir, "ovirt")
+        os.makedirs(os.path.join(d, "conf.d"), exist_ok=True)
+        os.makedirs(run_dir, exist_ok=True)
+        self.control = os.path.join(run_dir, "control.sock")
+        self.unix_socket = os.path.join(run_dir, "local.sock")
+        with open(os.path.join(d, "conf.d", "50-bench.conf"), "w") as f:
+            f.write(f"""\
+# Written by bench/bench.py: defaults but for paths, port and privileges.
+[daemon]
+run_dir = {run_dir}
+drop_privileges = false
+systemd_enable = false
+
+[tls]
+enable = true
+key_file = {e.key}
+cert_file = {e.cert}
+
+[remote]
+host = 127.0.0.1
+port = {self.port}
+
+[local]
+enable = true
+socket = {self.unix_socket}
+
+[control]
+transport = unix
+socket = {self.control}
+
+[handlers]
+keys = logfile
+
+[handler_logfile]
+args = ("{os.path.join(e.out, 'ovirt-imageio.log')}",)
+""")
+        self.proc = e.procs.start("ovirt-imageio", [exe, "--conf-dir", d],
+                                  stdout=e.logfile("ovirt-imageio.out"),
+                                  stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise BenchError(f"ovirt-imageio exited with {self.proc.returncode}; "
+                                 f"see {e.out}/ovirt-imageio.log")
+            status, _ = unix_request(self.control, "GET", "/tickets/none")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                pass
+            return status in (200, 404)
+
+        wait_for(ready, 30, "ovirt-imageio to start")
+        self.https_url = f"https://127.0.0.1:{self.port}/images/"
+        return self
+
+    def add_ticket(self, path, size, ops):
+        tid = str(uuid.uuid4())
+        status, text = unix_request(self.control, "PUT", f"/tickets/{tid}", {
+            "uuid": tid, "url": f"file://{path}", "size": size, "ops": ops,
+            "timeout": 24 * 3600})
+        if status != 200:
+            raise BenchError(f"ovirt-imageio: adding a ticket failed: {status} {text}")
+        return tid
+
+
+class Nginx(Server):
+    name = "nginx"
+
+    def __init__(self, env, allow_install):
+        self.env = env
+        self.allow_install = allow_install
+
+    def install(self):
+        exe = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+        if exe:
+            return exe
+        if not self.allow_install:
+            raise BenchError("nginx is not installed")
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            raise BenchError("nginx is not installed (apt-get install nginx-light as root)")
+        log("installing nginx-light with apt-get")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        run(["apt-get", "update", "-qq"], timeout=600, env=env)
+        run(["apt-get", "install", "-y", "-qq", "nginx-light"], timeout=600, env=env)
+        # The package may start its own nginx where an init system runs;
+        # leave it alone: ours has its own config and port.
+        return shutil.which("nginx") or "/usr/sbin/nginx"
+
+    def start(self):
+        e = self.env
+        exe = self.install()
+        self.port = free_port()
+        d = os.path.join(e.out, "nginx")
+        os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
+        conf = os.path.join(d, "nginx.conf")
+        user = "user root;" if os.geteuid() == 0 else ""
+        tmp = os.path.join(d, "tmp")
+        with open(conf, "w") as f:
+            f.write(f"""\
+# Written by bench/bench.py: HTTPS GET of the bench images on loopback.
+{user}
+worker_processes auto;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    default_type application/octet-stream;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{self.port} ssl;
+        ssl_certificate {e.cert};
+        ssl_certificate_key {e.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location /images/ {{ alias {e.images}/; }}
+    }}
+}}
+""")
+        self.proc = e.procs.start("nginx", [exe, "-p", d, "-c", conf, "-e", f"{d}/error.log"],
+                                  stdout=e.logfile("nginx.out"), stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise BenchError(f"nginx exited with {self.proc.returncode}; see {d}/error.log")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+
+        wait_for(ready, 30, "nginx to start")
+        self.https_url = f"https://127.0.0.1:{self.port}/images/"
+        return self
+
+    def add_ticket(self, path, size, ops):
+        # nginx serves files by name from the images directory.
+        return os.path.relpath(path, self.env.images)
+
+
+# Transfers.
+
+class Transfer:
+    """What one timed run of a case did."""
+
+    def __init__(self, seconds, nbytes, cpu, peak, client_cpu, peak_exact, other_cpu):
+        self.other_cpu = other_cpu
+        self.seconds = seconds
+        self.nbytes = nbytes
+        self.cpu = cpu
+        self.peak = peak
+        self.client_cpu = client_cpu
+        self.peak_exact = peak_exact
+
+    @property
+    def gbps(self):
+        return self.nbytes / self.seconds / GB
+
+    def as_dict(self):
+        return {"seconds": round(self.seconds, 4), "bytes": self.nbytes,
+                "gbps": round(self.gbps, 4), "server_cpu_s": round(self.cpu, 3),
+                "server_peak_rss_mib": round(self.peak, 1),
+                "client_cpu_s": round(self.client_cpu, 3),
+                "other_cpu_s": round(self.other_cpu, 3),
+                "peak_rss_reset": self.peak_exact}
+
+
+def machine_busy_seconds():
+    """CPU seconds all cores spent busy (or stolen by the hypervisor) so far."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def measured(server, fn):
+    """Run fn() -> (seconds, nbytes) while accounting the server's CPU and peak RSS."""
+    pids = server.pids()
+    exact = reset_peak(pids)
+    cpu0, ccpu0, busy0 = cpu_seconds(pids), children_cpu(), machine_busy_seconds()
+    seconds, nbytes = fn()
+    ccpu1, busy1 = children_cpu(), machine_busy_seconds()
+    pids = server.pids()
+    cpu = cpu_seconds(pids) - cpu0
+    client = ccpu1 - ccpu0
+    # Whatever else kept the cores busy: other programs, the hypervisor's
+    # steal, kernel threads. A noise indicator, not part of any figure.
+    other = max(0.0, (busy1 - busy0) - cpu - client)
+    return Transfer(seconds, nbytes, cpu, peak_rss_mib(pids), client, exact, other)
+
+
+def curl_base(server):
+    base = ["curl", "-sS", "--fail", "-H", "Expect:"]
+    if server.https_url and server.https_url.startswith("https"):
+        base += ["--cacert", server.env.cert]
+    return base
+
+
+def curl_time(argv, timeout, expect_bytes):
+    """Run curl; returns its time_total after checking the bytes it moved."""
+    p = run(argv + ["-w", " %{time_total} %{size_download} %{size_upload}"],
+            timeout=timeout)
+    seconds, down, up = p.stdout.strip().split()[-3:]
+    if expect_bytes not in (int(down), int(up)):
+        raise BenchError(f"curl moved {down}/{up} bytes, expected {expect_bytes}: "
+                         f"{' '.join(argv)}")
+    return float(seconds)
+
+
+class Case:
+    """A kind of transfer run against several servers."""
+
+    def __init__(self, key, title, servers, fn, nbytes):
+        self.key = key
+        self.title = title
+        self.servers = servers
+        self.fn = fn          # fn(server, rep) -> Transfer (verified)
+        self.nbytes = nbytes
+        self.samples = {s.name: [] for s in servers}
+        self.skipped = None
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.smoke = args.smoke
+        self.out = os.path.abspath(args.out)
+        self.images = os.path.join(self.out, "images")
+        os.makedirs(self.images, exist_ok=True)
+        # Unix socket paths are limited to 107 bytes: keep them short.
+        self.sock_dir = tempfile.mkdtemp(prefix="imaged-bench-", dir="/tmp")
+        scratch = "/dev/shm"
+        need = (args.size + args.sparse_size) * 1.2
+        if not (os.path.isdir(scratch) and shutil.disk_usage(scratch).free > need):
+            scratch = self.out
+        self.scratch = tempfile.mkdtemp(prefix="imaged-bench-", dir=scratch)
+        self.procs = Procs()
+        self.cert = os.path.join(self.out, "cert.pem")
+        self.key = os.path.join(self.out, "key.pem")
+        self.servers = {}
+        self.notes = []
+        self.deadline = time.monotonic() + args.max_minutes * 60
+        self._logs = []
+
+    def logfile(self, name):
+        f = open(os.path.join(self.out, name), "ab")
+        self._logs.append(f)
+        return f
+
+    def timeout_for(self, nbytes):
+        # Generous but bounded: 20 MB/s would be pathological here.
+        return 60 + nbytes / (20 * 10**6)
+
+    def close(self):
+        self.procs.stop_all()
+        for f in self._logs:
+            f.close()
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        if not self.args.keep:
+            for name in os.listdir(self.images):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.images, name))
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.out, "dd-write.tmp"))
+
+    # Setup.
+
+    def setup(self):
+        a = self.args
+        make_certificate(self.cert, self.key)
+        self.big = os.path.join(self.images, "random.raw")
+        self.sparse = os.path.join(self.images, "sparse.raw")
+        make_random_image(self.big, a.size)
+        make_sparse_image(self.sparse, a.sparse_size)
+        for p in (self.big, self.sparse):
+            os.chmod(p, 0o644)
+        self.sparse_data = data_bytes(self.sparse)
+        log(f"sparse image: {self.sparse_data / MiB:.0f} MiB data in "
+            f"{a.sparse_size / GiB:.2f} GiB")
+
+        self.servers["imaged"] = Imaged(self, a.imaged_python).start()
+        log(f"imaged started (pid {self.servers['imaged'].pid})")
+        for name, enabled, factory in (
+                ("nginx", a.nginx, lambda: Nginx(self, allow_install=not self.smoke)),
+                ("ovirt-imageio", a.ovirt, lambda: OvirtImageio(self))):
+            if not enabled:
+                self.notes.append(f"{name}: skipped (--no-{name.split('-')[0]}"
+                                  f"{' or smoke mode' if self.smoke else ''})")
+                continue
+            try:
+                self.servers[name] = factory().start()
+                log(f"{name} started (pid {self.servers[name].pid})")
+            except BenchError as e:
+                log(f"{name}: not available: {e}")
+                self.notes.append(f"{name}: not available: {str(e).splitlines()[0]}")
+
+        # Tickets: read-only on the sources, read-write on a destination per server.
+        self.tickets = {}
+        for name, s in self.servers.items():
+            t = {"get": s.add_ticket(self.big, a.size, ["read"]),
+                 "sparse": s.add_ticket(self.sparse, a.sparse_size, ["read"])}
+            if name != "nginx":
+                dest = os.path.join(self.images, f"upload-{name}.raw")
+                prepare_destination(dest, a.size)
+                t["put"] = s.add_ticket(dest, a.size, ["read", "write"])
+                t["dest"] = dest
+            self.tickets[name] = t
+
+        self.client = self.find_client()
+        # Now: imaged's code may change in the tree while the run goes on.
+        self.versions = versions(self)
+
+    def find_client(self):
+        argv = [self.args.imaged_python, "-m", "imaged.client.cli"]
+        try:
+            p = subprocess.run(argv + ["--help"], cwd=ROOT, timeout=60,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        except subprocess.TimeoutExpired:
+            p = None
+        if p is None or p.returncode != 0:
+            why = (p.stdout.strip().splitlines() or ["?"])[-1] if p else "timed out"
+            self.notes.append(f"imaged-client: skipped: `python -m imaged.client.cli "
+                              f"--help` failed ({why})")
+            return None
+        return argv
+
+    # Transfer kinds. Each returns a verified Transfer.
+
+    def curl_get(self, server, url, extra, rep):
+        """
+        Timed downloads go to /dev/null: writing 2 GiB into RAM costs curl
+        ~1.5 s of CPU here, which on 2 cores is taken from the server.
+        Before the first timed one, an untimed download of the same URL is
+        verified (--verify-every-get times downloads into RAM instead and
+        verifies each).
+        """
+        size = self.args.size
+        argv = curl_base(server) + list(extra)
+        dest = os.path.join(self.scratch, "download.raw")
+        timed_dest = dest if self.args.verify_every_get else "/dev/null"
+        if rep == 0 and not self.args.verify_every_get:
+            curl_time(argv + ["-o", dest, url], self.timeout_for(size), size)
+            self.verify(dest, self.big, f"{server.name} GET {url}")
+            os.unlink(dest)
+
+        def go():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dest)
+            return curl_time(argv + ["-o", timed_dest, url], self.timeout_for(size),
+                             size), size
+
+        t = measured(server, go)
+        if self.args.verify_every_get:
+            self.verify(dest, self.big, f"{server.name} GET {url}")
+            os.unlink(dest)
+        return t
+
+    def curl_put(self, server, url, extra=()):
+        size = self.args.size
+        dest = self.tickets[server.name]["dest"]
+        prepare_destination(dest, size)
+        t = measured(server, lambda: (curl_time(
+            curl_base(server) + list(extra) + ["-o", "/dev/null", "-T", self.big,
+                                               "-X", "PUT", url + "?flush=y"],
+            self.timeout_for(size), size), size))
+        self.verify(dest, self.big, f"{server.name} PUT")
+        return t
+
+    def https_get(self, server, rep):
+        return self.curl_get(server, server.https_url + self.tickets[server.name]["get"],
+                             (), rep)
+
+    def https_put(self, server, rep):
+        return self.curl_put(server, server.https_url + self.tickets[server.name]["put"])
+
+    def unix_get(self, server, rep):
+        return self.curl_get(server, "http://localhost/images/" + self.tickets[server.name]["get"],
+                             ["--unix-socket", server.unix_socket], rep)
+
+    def unix_put(self, server, rep):
+        return self.curl_put(server, "http://localhost/images/" + self.tickets[server.name]["put"],
+                             ["--unix-socket", server.unix_socket])
+
+    def client_run(self, argv, nbytes):
+        t0 = time.monotonic()
+        run(self.client + argv, timeout=self.timeout_for(nbytes), cwd=ROOT)
+        return time.monotonic() - t0, nbytes
+
+    def client_download(self, conns, sparse=False):
+        def fn(server, rep):
+            src = self.sparse if sparse else self.big
+            size = self.args.sparse_size if sparse else self.args.size
+            dest = os.path.join(self.scratch, "client-download.raw")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dest)
+            url = server.https_url + self.tickets[server.name]["sparse" if sparse else "get"]
+            t = measured(server, lambda: self.client_run(
+                ["download", url, dest, "--connections", str(conns),
+                 "--cafile", self.cert, "--no-unix-socket", "--quiet"], size))
+            self.verify(dest, src, f"{server.name} client download")
+            os.unlink(dest)
+            return t
+        return fn
+
+    def client_upload(self, conns):
+        def fn(server, rep):
+            size = self.args.size
+            dest = self.tickets[server.name]["dest"]
+            prepare_destination(dest, size)
+            url = server.https_url + self.tickets[server.name]["put"]
+            t = measured(server, lambda: self.client_run(
+                ["upload", self.big, url, "--connections", str(conns),
+                 "--cafile", self.cert, "--no-unix-socket", "--quiet"], size))
+            self.verify(dest, self.big, f"{server.name} client upload")
+            return t
+        return fn
+
+    def verify(self, got, want, what):
+        if not same_content(got, want, timeout=self.timeout_for(os.path.getsize(want))):
+            raise BenchError(f"verification failed: {what}: {got} differs from {want}")
+
+    # The run.
+
+    def cases(self):
+        s = self.servers
+        imaged = s["imaged"]
+        peers_get = [s[n] for n in ("nginx", "ovirt-imageio") if n in s]
+        ovirt = [s["ovirt-imageio"]] if "ovirt-imageio" in s else []
+        size, sparse = self.args.size, self.args.sparse_size
+        cases = [
+            Case("https-get", "HTTPS GET (curl)", [imaged] + peers_get, self.https_get, size),
+            Case("https-put", "HTTPS PUT flush (curl)", [imaged] + ovirt, self.https_put, size),
+            Case("unix-get", "unix socket GET (curl)", [imaged] + ovirt, self.unix_get, size),
+            Case("unix-put", "unix socket PUT flush (curl)", [imaged] + ovirt, self.unix_put, size),
+        ]
+        for conns in (1, 4):
+            cases.append(Case(f"client-download-{conns}", f"client download, {conns} conn",
+                              [imaged] + ovirt, self.client_download(conns), size))
+        for conns in (1, 4):
+            cases.append(Case(f"client-upload-{conns}", f"client upload, {conns} conn",
+                              [imaged] + ovirt, self.client_upload(conns), size))
+        cases.append(Case("client-sparse-download",
+                          f"client sparse download ({sparse / GiB:.3g} GiB, "
+                          f"{self.sparse_data / sparse:.0%} data)",
+                          [imaged] + ovirt, self.client_download(1, sparse=True), sparse))
+        if self.args.only:
+            cases = [c for c in cases if c.key in self.args.only]
+        if self.client is None:
+            for c in cases:
+                if c.key.startswith("client-"):
+                    c.skipped = "imaged-client not available"
+        return cases
+
+    def measure(self, cases):
+        reps = self.args.reps
+        todo = [c for c in cases if not c.skipped]
+        total = sum(len(c.servers) for c in todo) * reps
+        n = 0
+        for case in todo:
+            for rep in range(reps):
+                # Interleaved: imaged, peers, imaged, peers, ...
+                for server in case.servers:
+                    n += 1
+                    if time.monotonic() > self.deadline:
+                        if not case.skipped:
+                            self.notes.append(f"time limit (--max-minutes "
+                                              f"{self.args.max_minutes}) reached: "
+                                              f"fewer repetitions from {case.title} on")
+                        case.skipped = case.skipped or "time limit"
+                        break
+                    os.sync()
+                    t = case.fn(server, rep)
+                    case.samples[server.name].append(t)
+                    exact = "" if t.peak_exact else " (cumulative peak)"
+                    log(f"[{n}/{total}] {case.title}: {server.name} rep {rep + 1}: "
+                        f"{t.gbps:.3f} GB/s, {t.seconds:.2f} s, server CPU {t.cpu:.2f} s, "
+                        f"peak RSS {t.peak:.0f} MiB{exact}, verified")
+
+    # Idle keep-alive connections.
+
+    def idle_connections(self, server, count, per_conn):
+        """Growth of the server's RSS with `count` idle keep-alive connections."""
+        ctx = ssl.create_default_context(cafile=self.cert)
+        # A session per connection, like 50 clients with a transfer each (a
+        # session allows a bounded number of connections).
+        tickets = [server.add_ticket(self.big, self.args.size, ["read"])
+                   for _ in range(count)]
+        pids = server.pids()
+        time.sleep(0.5)
+        before = rss_mib(pids)
+        reset_peak(pids)
+        conns = []
+        try:
+            for ticket in tickets:
+                c = http.client.HTTPSConnection("127.0.0.1", server.port, context=ctx,
+                                                timeout=60)
+                c.request("GET", f"/images/{ticket}",
+                          headers={"Range": f"bytes=0-{per_conn - 1}"})
+                r = c.getresponse()
+                body_len = 0
+                while True:
+                    chunk = r.read(1024 * 1024)
+                    if not chunk:
+                        break
+                    body_len += len(chunk)
+                if r.status not in (200, 206) or body_len != per_conn:
+                    raise BenchError(f"{server.name}: idle test GET answered {r.status}, "
+                                     f"{body_len} bytes")
+                conns.append(c)
+            time.sleep(1.0)
+            idle = rss_mib(pids)
+            peak = peak_rss_mib(pids)
+        finally:
+            for c in conns:
+                c.close()
+        time.sleep(1.0)
+        after = rss_mib(pids)
+        return {"connections": count, "bytes_per_connection": per_conn,
+                "rss_before_mib": round(before, 1), "rss_idle_mib": round(idle, 1),
+                "growth_mib": round(idle - before, 1), "peak_mib": round(peak, 1),
+                "rss_after_close_mib": round(after, 1)}
+
+    # Machine limits.
+
+    def limits(self):
+        size = self.args.size
+        result = {}
+        p = run(["dd", f"if={self.big}", "of=/dev/null", "bs=8M", "iflag=direct"],
+                timeout=self.timeout_for(size))
+        result["dd_read_direct_gbps"] = dd_rate(p.stderr)
+        tmp = os.path.join(self.out, "dd-write.tmp")
+        try:
+            p = run(["dd", f"if={self.big}", f"of={tmp}", "bs=8M", "oflag=direct",
+                     "conv=fsync"], timeout=self.timeout_for(size))
+            result["dd_write_direct_gbps"] = dd_rate(p.stderr)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        secs = "1" if self.smoke else "3"
+        for cipher in ("aes-128-gcm", "aes-256-gcm"):
+            argv = ["openssl", "speed", "-evp", cipher, "-seconds", secs, "-bytes", "16384"]
+            if shutil.which("taskset"):
+                argv = ["taskset", "-c", "0"] + argv
+            p = run(argv, timeout=120)
+            result[f"openssl_{cipher.replace('-', '_')}_gbps"] = openssl_rate(p.stdout)
+        return result
+
+    def negotiated(self, server):
+        ctx = ssl.create_default_context(cafile=self.cert)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                return f"{s.version()} {s.cipher()[0]}"
+
+    # Profiling.
+
+    def profile(self):
+        imaged = self.servers["imaged"]
+        venv = os.path.join(self.out, "venv-tools")
+        spy = os.path.join(venv, "bin", "py-spy")
+        if not os.path.exists(spy):
+            log(f"installing py-spy into {venv} for --profile")
+            base = getattr(sys, "_base_executable", None) or sys.executable
+            run([base, "-m", "venv", venv], timeout=300)
+            run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet",
+                 "py-spy"], timeout=600)
+        summaries = {}
+        kinds = [("https-get", self.https_get), ("https-put", self.https_put),
+                 ("unix-get", self.unix_get), ("unix-put", self.unix_put)]
+        if self.client:
+            kinds += [("client-download-4", self.client_download(4)),
+                      ("client-upload-4", self.client_upload(4))]
+        for key, fn in kinds:
+            raw = os.path.join(self.out, f"profile-{key}.txt")
+            proc = self.procs.start("py-spy", [spy, "record", "--format", "raw", "--rate", "250",
+                                               "--nonblocking", "--threads",
+                                               "-o", raw, "-p", str(imaged.pid)],
+                                    stdout=self.logfile("py-spy.out"), stderr=subprocess.STDOUT)
+            time.sleep(1.0)
+            try:
+                fn(imaged, 0)
+            finally:
+                self.procs.stop(proc, sig=signal.SIGINT, timeout=60)
+            summaries[key] = top_frames(raw)
+            log(f"profile of {key}: {raw}")
+        return summaries
+
+
+def dd_rate(stderr):
+    m = re.search(r"(\d+) bytes .* copied, ([\d.,]+) s", stderr)
+    if not m:
+        return None
+    return int(m.group(1)) / float(m.group(2).replace(",", ".")) / GB
+
+
+def openssl_rate(stdout):
+    # "AES-128-GCM   123456.78k" (1000s of bytes per second for 16384-byte blocks)
+    for line in stdout.splitlines():
+        m = re.match(r"^(AES-\d+-GCM|aes-\d+-gcm)\s+([\d.]+)k\s*$", line.strip())
+        if m:
+            return float(m.group(2)) * 1000 / GB
+    return None
+
+
+def top_frames(raw_path, count=15):
+    """Self (leaf) and inclusive sample shares of the busiest functions."""
+    leaf, incl, total = {}, {}, 0
+    with contextlib.suppress(OSError):
+        with open(raw_path) as f:
+            for line in f:
+                stack, _, n = line.rstrip().rpartition(" ")
+                if not stack or not n.isdigit():
+                    continue
+                n = int(n)
+                total += n
+                frames = stack.split(";")
+                name = frames[-1]
+                leaf[name] = leaf.get(name, 0) + n
+                for fr in set(frames[1:]):   # the first frame is the thread
+                    incl[fr] = incl.get(fr, 0) + n
+    if not total:
+        return {"samples": 0, "self": [], "inclusive": []}
+
+    def top(d):
+        return [(k, round(100 * v / total, 1))
+                for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:count]]
+
+    return {"samples": total, "self": top(leaf), "inclusive": top(incl)}
+
+
+# Report.
+
+def median(samples, attr):
+    values = [getattr(t, attr) for t in samples]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, spec):
+    return "—" if v is None else format(v, spec)
+
+
+PEERS = ("nginx", "ovirt-imageio")
+
+
+def table(cases, servers):
+    names = ["imaged"] + [p for p in PEERS if p in servers]
+    head = ["transfer"] + [f"{n} GB/s" for n in names] + \
+        [f"imaged/{p}" for p in names[1:]] + \
+        ["server CPU s (" + " / ".join(names) + ")",
+         "peak RSS MiB (" + " / ".join(names) + ")"]
+    rows = []
+    for c in cases:
+        row = [c.title]
+        med = {n: median(c.samples.get(n, []), "gbps") for n in names}
+        if c.skipped and not any(c.samples.values()):
+            rows.append([c.title] + [f"skipped: {c.skipped}"] + [""] * (len(head) - 2))
+            continue
+        row += [fmt(med[n], ".3f") for n in names]
+        for p in names[1:]:
+            r = med[p] and med["imaged"] and med["imaged"] / med[p]
+            row.append(fmt(r, ".2f") + ("×" if r else ""))
+        row.append(" / ".join(fmt(median(c.samples.get(n, []), "cpu"), ".1f") for n in names))
+        row.append(" / ".join(fmt(max((t.peak for t in c.samples.get(n, [])), default=None),
+                                  ".0f") for n in names))
+        rows.append(row)
+    return markdown(head, rows)
+
+
+def markdown(head, rows):
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+
+    def line(r):
+        return "| " + " | ".join(str(v).ljust(w) for v, w in zip(r, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep] + [line(r) for r in rows])
+
+
+def targets_report(cases, servers, idle, smoke):
+    by_key = {c.key: c for c in cases}
+    lines = []
+    for key, peer, want in TARGETS:
+        c = by_key.get(key)
+        med_i = c and median(c.samples.get("imaged", []), "gbps")
+        med_p = c and median(c.samples.get(peer, []), "gbps")
+        title = c.title if c else key
+        if not (med_i and med_p):
+            lines.append(f"- {title} ≥ {want}× {peer}: not measured")
+            continue
+        r = med_i / med_p
+        lines.append(f"- {title} ≥ {want}× {peer}: {r:.2f}× — "
+                     f"{'met' if r >= want else 'MISSED'}")
+    peaks = [t.peak for c in cases for t in c.samples.get("imaged", [])]
+    if peaks:
+        p = max(peaks)
+        lines.append(f"- imaged peak RSS ≤ {MAX_PEAK_RSS_MIB} MiB in every transfer: "
+                     f"max {p:.0f} MiB — {'met' if p <= MAX_PEAK_RSS_MIB else 'MISSED'}")
+    if idle and "imaged" in idle:
+        g = idle["imaged"]["growth_mib"]
+        n = idle["imaged"]["connections"]
+        lines.append(f"- {n} idle keep-alive connections add < {MAX_IDLE_GROWTH_MIB} MiB: "
+                     f"+{g:.1f} MiB — {'met' if g < MAX_IDLE_GROWTH_MIB else 'MISSED'}"
+                     + (" (smoke mode: fewer connections)" if smoke else ""))
+    if smoke:
+        lines.append("- (smoke mode: tiny images, 1 repetition; the ratios mean nothing)")
+    return "\n".join(lines)
+
+
+def machine_info():
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    return (f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, "
+            f"Linux {platform.release()}, Python {platform.python_version()}")
+
+
+def imaged_revision():
+    """The tree's commit, marked when the working tree has changes (read-only git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, timeout=10,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
+                                "--", "imaged"], cwd=ROOT, timeout=10,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    rev = head.stdout.strip() or "?"
+    return rev + (" + uncommitted changes in imaged/" if dirty.stdout.strip() else "")
+
+
+def versions(bench):
+    v = {"imaged": imaged_revision()}
+    ovirt = getattr(bench.servers.get("ovirt-imageio"), "venv", None)
+    if ovirt:
+        v["ovirt-imageio"] = OVIRT_VERSION
+    for name, argv in (("curl", ["curl", "--version"]), ("nginx", ["nginx", "-v"]),
+                       ("openssl", ["openssl", "version"])):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, timeout=10)
+            first = p.stdout.strip().splitlines()[0]
+            # "curl 7.88.1 (...) libcurl/...", "nginx version: nginx/1.22.1",
+            # "OpenSSL 3.0.19 27 Jan 2026 (...)": keep the version.
+            v[name] = first.split()[-1].split("/")[-1] if name == "nginx" \
+                else first.split()[1]
+    return v
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="bench/run", description=__doc__.split("\n\n")[0].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny images, 1 repetition, no peers unless asked: "
+                             "proves the harness works in seconds")
+    parser.add_argument("--reps", type=int, help="repetitions per server and transfer "
+                        "(default 5, smoke 1)")
+    parser.add_argument("--size", type=int, help="random image size in MiB (default 2048)")
+    parser.add_argument("--sparse-size", type=int,
+                        help="sparse image size in MiB (default 8192)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "out"),
+                        help="work directory (default bench/out)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the images in the work directory for the next run")
+    parser.add_argument("--nginx", action=argparse.BooleanOptionalAction, default=None,
+                        help="compare with nginx (default: yes; no in smoke mode)")
+    parser.add_argument("--ovirt", action=argparse.BooleanOptionalAction, default=None,
+                        help="compare with ovirt-imageio (default: yes; no in smoke mode)")
+    parser.add_argument("--only", nargs="+", metavar="CASE",
+                        help="only these transfers (https-get https-put unix-get unix-put "
+                             "client-download-1 client-download-4 client-upload-1 "
+                             "client-upload-4 client-sparse-download)")
+    parser.add_argument("--idle-connections", type=int,
+                        help="idle keep-alive connections to open (default 50, smoke 10)")
+    parser.add_argument("--verify-every-get", action="store_true",
+                        help="time curl downloads into RAM and verify each one, instead "
+                             "of timing them into /dev/null after one verified download")
+    parser.add_argument("--profile", action="store_true",
+                        help="after measuring, profile imaged with py-spy during one "
+                             "transfer of each curl kind")
+    parser.add_argument("--max-minutes", type=float, default=90,
+                        help="stop repeating after this long (default 90)")
+    parser.add_argument("--imaged-config", metavar="JSON",
+                        help='settings merged into imaged\'s config, e.g. '
+                             '\'{"images": {"direct_io": false}}\'')
+    parser.add_argument("--imaged-python", default=None,
+                        help="Python that runs imaged (default .venv/bin/python)")
+    args = parser.parse_args(argv)
+    if args.reps is None:
+        args.reps = 1 if args.smoke else 5
+    args.size = (args.size or (32 if args.smoke else 2048)) * MiB
+    args.sparse_size = (args.sparse_size or (256 if args.smoke else 8192)) * MiB
+    if args.nginx is None:
+        args.nginx = not args.smoke
+    if args.ovirt is None:
+        args.ovirt = not args.smoke
+    if args.idle_connections is None:
+        args.idle_connections = 10 if args.smoke else 50
+    if args.imaged_python is None:
+        venv_py = os.path.join(ROOT, ".venv", "bin", "python")
+        args.imaged_python = venv_py if os.path.exists(venv_py) else sys.executable
+    if args.reps < 1 or args.size % (1 * MiB) or args.sparse_size < 16 * MiB:
+        parser.error("bad --reps, --size or --sparse-size")
+
+    # SIGTERM and SIGHUP end the run like Ctrl-C: through the finally below.
+    def terminate(signo, frame):
+        raise KeyboardInterrupt(f"signal {signo}")
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+
+    started = datetime.datetime.now().astimezone()
+    bench = Bench(args)
+    r = argparse.Namespace(cases=[], idle={}, limits_start={}, limits_end={}, tls={},
+                           profiles=None)
+
+    def extra(what, fn):
+        # Extras must not lose the measurements done so far.
+        try:
+            return fn()
+        except (BenchError, OSError, http.client.HTTPException, ssl.SSLError) as e:
+            log(f"{what} failed: {e}")
+            bench.notes.append(f"{what} failed: {str(e).splitlines()[0]}")
+            return None
+
+    status = 0
+    try:
+        bench.setup()
+        log("measuring machine limits")
+        r.limits_start = extra("machine limits", bench.limits) or {}
+        r.cases = bench.cases()
+        bench.measure(r.cases)
+        per_conn = min(16 * MiB, args.size)
+        for name in ("imaged", "ovirt-imageio"):
+            if name in bench.servers:
+                log(f"idle keep-alive connections: {name}")
+                res = extra(f"idle connections test ({name})", lambda: bench.idle_connections(
+                    bench.servers[name], args.idle_connections, per_conn))
+                if res:
+                    r.idle[name] = res
+        r.limits_end = extra("machine limits", bench.limits) or {}
+        for n, srv in bench.servers.items():
+            r.tls[n] = extra(f"TLS check ({n})", lambda: bench.negotiated(srv)) or "?"
+        if args.profile:
+            r.profiles = extra("profiling", bench.profile)
+    except KeyboardInterrupt:
+        log("interrupted: stopping everything")
+        bench.notes.append("interrupted: results are incomplete")
+        status = 130
+    except BenchError as e:
+        log(f"bench failed: {e}")
+        bench.notes.append(f"FAILED: {str(e).splitlines()[0]}")
+        status = 1
+    finally:
+        bench.close()
+
+    if not hasattr(bench, "sparse_data"):
+        return status or 1
+    report = render(args, bench, r.cases, r.idle, r.limits_start, r.limits_end, r.tls,
+                    r.profiles, started)
+    print(report)
+    with open(os.path.join(bench.out, "results.md"), "w") as f:
+        f.write(report + "\n")
+    with open(os.path.join(bench.out, "results.json"), "w") as f:
+        json.dump({
+            "date": started.isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            "versions": bench.versions,
+            "args": {k: v for k, v in vars(args).items()},
+            "status": status,
+            "notes": bench.notes,
+            "cases": {c.key: {"title": c.title, "skipped": c.skipped,
+                              "samples": {n: [t.as_dict() for t in ts]
+                                          for n, ts in c.samples.items()}}
+                      for c in r.cases},
+            "idle_keepalive": r.idle,
+            "limits": {"start": r.limits_start, "end": r.limits_end},
+            "tls": r.tls,
+            "profiles": r.profiles,
+        }, f, indent=2)
+    log(f"results: {bench.out}/results.md, {bench.out}/results.json")
+    return status
+
+
+def render(args, bench, cases, idle, limits_start, limits_end, tls, profiles, started):
+    mode = "smoke" if args.smoke else "full"
+    out = [f"## imaged benchmark ({mode}), {started:%Y-%m-%d %H:%M %Z}", "",
+           f"Machine: {machine_info()}",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in bench.versions.items()),
+           f"Images: random {args.size / GiB:.3g} GiB; sparse {args.sparse_size / GiB:.3g} GiB "
+           f"with {bench.sparse_data / MiB:.0f} MiB data. Medians of {args.reps} "
+           f"interleaved repetitions; GB/s = 10^9 bytes/s; every transfer verified.",
+           "", table(cases, bench.servers), ""]
+    others = [(t.other_cpu / t.seconds) for c in cases for ts in c.samples.values()
+              for t in ts]
+    if others:
+        out += [f"Other load during the transfers (CPU busy outside the server and its "
+                f"client, hypervisor steal included): median {statistics.median(others):.2f}, "
+                f"max {max(others):.2f} of {os.cpu_count()} cores.", ""]
+    if bench.notes:
+        out += ["Notes:"] + [f"- {n}" for n in bench.notes] + [""]
+
+    def lim(d, k, spec=".2f"):
+        return fmt(d.get(k), spec)
+
+    out += ["Machine limits (start / end of the run):", "",
+            f"- dd O_DIRECT read {lim(limits_start, 'dd_read_direct_gbps')} / "
+            f"{lim(limits_end, 'dd_read_direct_gbps')} GB/s; "
+            f"write {lim(limits_start, 'dd_write_direct_gbps')} / "
+            f"{lim(limits_end, 'dd_write_direct_gbps')} GB/s",
+            f"- openssl speed, one core, 16 KiB blocks: aes-128-gcm "
+            f"{lim(limits_start, 'openssl_aes_128_gcm_gbps')} / "
+            f"{lim(limits_end, 'openssl_aes_128_gcm_gbps')} GB/s; aes-256-gcm "
+            f"{lim(limits_start, 'openssl_aes_256_gcm_gbps')} / "
+            f"{lim(limits_end, 'openssl_aes_256_gcm_gbps')} GB/s",
+            "- TLS negotiated: " + "; ".join(f"{n}: {v}" for n, v in tls.items()), ""]
+    if idle:
+        out += ["Idle keep-alive connections (each GET "
+                f"{next(iter(idle.values()))['bytes_per_connection'] // MiB} MiB, then idle):", ""]
+        for name, r in idle.items():
+            out.append(f"- {name}: {r['connections']} connections: RSS {r['rss_before_mib']:.0f}"
+                       f" → {r['rss_idle_mib']:.0f} MiB (+{r['growth_mib']:.1f} MiB), peak "
+                       f"{r['peak_mib']:.0f} MiB, {r['rss_after_close_mib']:.0f} MiB after closing")
+        out.append("")
+    out += ["Targets (issue 5, same-run ratios):", "",
+            targets_report(cases, bench.servers, idle, args.smoke), ""]
+    out += ["Samples (GB/s):", ""]
+    for c in cases:
+        for name, ts in c.samples.items():
+            if ts:
+                out.append(f"- {c.title}, {name}: " + " ".join(f"{t.gbps:.3f}" for t in ts)
+                           + f" (median client CPU {median(ts, 'client_cpu'):.1f} s, "
+                           f"other load {median(ts, 'other_cpu') / median(ts, 'seconds'):.2f}"
+                           " cores)")
+    if profiles:
+        out += ["", "Profiles of imaged (py-spy, % of samples, self):", ""]
+        for key, p in profiles.items():
+            out.append(f"- {key} ({p['samples']} samples): " +
+                       "; ".join(f"{name} {pct}%" for name, pct in p["self"][:8]))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

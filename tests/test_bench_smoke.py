@@ -1,0 +1,33 @@
+"""
+The benchmark harness (bench/bench.py) in its smoke mode: tiny images, one
+repetition, imaged only. Proves that `make bench` works; measures nothing.
+"""
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT, needs_tool
+
+# The smoke run takes ~10 s here; leave room for a slow CI machine.
+SMOKE_TIMEOUT_S = 240
+
+
+@needs_tool("curl")
+@needs_tool("openssl")
+@needs_tool("dd")
+@needs_tool("cmp")
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench"
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--smoke",
+         "--out", str(out), "--imaged-python", sys.executable],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        timeout=SMOKE_TIMEOUT_S)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "| transfer " in p.stdout
+    assert "HTTPS GET (curl)" in p.stdout
+    assert "Machine limits" in p.stdout
+    assert (out / "results.json").exists()
+    # Large files are removed unless --keep.
+    assert not any(n.endswith(".raw") for n in os.listdir(out / "images"))
