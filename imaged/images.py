@@ -109,25 +109,27 @@ class Images:
         Run an operation on `session`: yields (backend, runner, op).
 
         Registers the operation (it counts as active and transferring, and
-        canceling the session aborts the client connection), opens the image
-        and closes everything at the end.
+        canceling the session aborts the client connection) and opens the
+        image, or reuses the one the connection has open.
         """
         self._check_limits(session, kind)
         op = sessions.Operation(kind, offset, length, on_cancel=conn.abort)
         session.add_operation(op)
         try:
             runner = ops.Runner(session.thread_slots)
-            backend = runner.run(self._open, session, mode)
-            try:
-                yield backend, runner, op
-            finally:
-                try:
-                    runner.run(backend.close)
-                except Exception:
-                    # Never hide the operation's own error behind this one.
-                    log.exception("session %s: closing the image failed",
-                                  session.name)
+            # The connection keeps the image open for its next request:
+            # a client reading extent after extent pays one open, not one
+            # per request.
+            backend = conn.backend(session, mode)
+            if backend is None:
+                backend = runner.run(self._open, session, mode)
+                conn.keep_backend(session, mode, backend)
+            yield backend, runner, op
         finally:
+            if session.canceled:
+                # Closed before the operation counts as stopped: once a
+                # DELETE returns, imaged has the image closed.
+                conn.close_backend()
             session.remove_operation(op)
 
     # The operations.
@@ -144,12 +146,6 @@ class Images:
         backend, runner, op = cm.__enter__()
         log.debug("session %s: READ offset=%d length=%d", session.name, offset, length)
         try:
-            # An image shorter than the session would end the response
-            # after its headers: refuse it while an error status is possible.
-            image_size = runner.run(backend.size)
-            if offset + length > image_size:
-                raise errors.StorageError(
-                    f"image ends at {image_size}, before the requested range")
             gen = ops.read(backend, runner, op, offset, length,
                            conn.buffers(self.buffer_size))
             # Read the first chunk now: a failure here (a missing or short

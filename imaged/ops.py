@@ -73,7 +73,20 @@ def read(backend, runner, op, offset, length, buffers):
         view = buffers[i][:min(chunk, end - pos)]
         return runner.submit(backend.readinto, pos, view), view
 
-    pending = submit(0, offset) if length else None
+    def read_first(view):
+        # An image shorter than the range would end the response after its
+        # headers: find out with the first chunk, while an error status can
+        # still be sent.
+        size = backend.size()
+        if size < end:
+            raise errors.StorageError(
+                f"image ends at {size}, before the requested range")
+        return backend.readinto(offset, view)
+
+    pending = None
+    if length:
+        view = buffers[0][:min(chunk, length)]
+        pending = runner.submit(read_first, view), view
     pos, i = offset, 0
     try:
         while pending is not None:

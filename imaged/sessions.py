@@ -231,6 +231,9 @@ class Session:
         # Pool threads this session may hold: a session on dead storage
         # must not take every thread of the pool.
         self.thread_slots = gevent.lock.BoundedSemaphore(threads)
+        # Called with the session when it is canceled: connections keeping
+        # its image open close it.
+        self._closers = []
 
     @property
     def name(self):
@@ -304,11 +307,23 @@ class Session:
                    if op.kind in self._COUNTED and op.done]
         return self._done.total(extra=ongoing)
 
+    def add_closer(self, func):
+        self._closers.append(func)
+
+    def remove_closer(self, func):
+        if func in self._closers:
+            self._closers.remove(func)
+
     def cancel(self):
         """Cancel the session and every running operation."""
         self.canceled = True
         for op in list(self._operations):
             op.cancel()
+        for func in list(self._closers):
+            try:
+                func(self)
+            except Exception:
+                log.exception("session %s: closing the image failed", self.name)
 
     def wait_idle(self, timeout):
         """Wait until no operation runs; returns False on timeout."""

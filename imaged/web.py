@@ -15,6 +15,7 @@ import logging
 import socket
 
 import bottle
+import gevent
 
 from . import buffers
 from . import errors
@@ -204,6 +205,8 @@ class Connection:
         self._buffers = None
         self._buffer_size = 0
         self._sessions = set()
+        # (session, mode, backend) of the image this connection has open.
+        self._open = None
 
     def buffers(self, size, count=2):
         """
@@ -227,6 +230,50 @@ class Connection:
             for b in self._buffers:
                 pool.put(b)
             self._buffers = None
+
+    def backend(self, session, mode):
+        """The open backend of `session` usable in `mode`, or None."""
+        if self._open is None:
+            return None
+        open_session, open_mode, backend = self._open
+        if open_session is session and not session.canceled \
+                and (open_mode == mode or open_mode == "rw"):
+            return backend
+        self.close_backend()
+        return None
+
+    def keep_backend(self, session, mode, backend):
+        """Keep `backend` open for the next requests of this connection."""
+        self.close_backend()
+        self._open = (session, mode, backend)
+        # A removed or expired session must not keep its image open (the
+        # host agent may deactivate the volume next).
+        session.add_closer(self._session_canceled)
+
+    def _session_canceled(self, session):
+        if self._open is not None and self._open[0] is session and not self.busy:
+            self.close_backend()
+        # A busy connection closes it when its operation ends (see
+        # Images.operation and end_request), once nothing uses it.
+
+    def close_backend(self):
+        """Close the image this connection keeps open, if any."""
+        if self._open is None:
+            return
+        session, _, backend = self._open
+        self._open = None
+        session.remove_closer(self._session_canceled)
+        try:
+            # Closing may flush to storage: never in the event loop.
+            gevent.get_hub().threadpool.apply(backend.close)
+        except Exception:
+            log.exception("session %s: closing the image failed", session.name)
+
+    def end_request(self):
+        """The request's answer is done: return buffers, drop a stale image."""
+        self.release_buffers()
+        if self._open is not None and self._open[0].canceled:
+            self.close_backend()
 
     def use_session(self, session, max_connections):
         """
@@ -260,6 +307,7 @@ class Connection:
             session.connections -= 1
         self._sessions.clear()
         self.release_buffers()
+        self.close_backend()
 
 
 class ClientGone(errors.BadRequest):

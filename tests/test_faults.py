@@ -12,6 +12,7 @@ on a dead disk), and a device-mapper `error` target where the kernel has
 device-mapper. They skip, saying why, where that is not possible.
 """
 
+import http.client
 import os
 import random
 import signal
@@ -636,3 +637,34 @@ def test_storage_errors_are_logged(small_fs, daemon):
     lines = [line for line in daemon.log().splitlines()
              if "No space left" in line and ("ERROR" in line or "WARNING" in line)]
     assert lines, "no log line for the failed write"
+
+
+def test_idle_connection_keeps_the_image_open_until_the_session_goes(daemon, tmp_path):
+    # A keep-alive connection keeps the image open between requests, so a
+    # client reading extent after extent pays one open. Removing the
+    # session must close it before DELETE answers: the host agent may
+    # deactivate the volume right after.
+    path = sparse_file(str(tmp_path / "kept.raw"), 1 * MiB, [(0, b"x" * 4096)])
+
+    def get_head(con, sid):
+        con.request("GET", f"/images/{sid}", headers={"Range": "bytes=0-4095"})
+        r = con.getresponse()
+        assert r.status == 206 and r.read() == b"x" * 4096
+
+    sid = daemon.add_session(path)
+    con = http.client.HTTPConnection("127.0.0.1", daemon.tcp_port, timeout=WAIT_S)
+    try:
+        for _ in range(3):
+            get_head(con, sid)
+        assert daemon_has_open(daemon, path)
+        with daemon.control() as c:
+            assert c.delete(daemon.control_url + sid).status_code == 204
+        assert not daemon_has_open(daemon, path)
+        # The same for expiry.
+        sid = daemon.add_session(path, timeout=1)
+        get_head(con, sid)
+        assert daemon_has_open(daemon, path)
+        wait_for(lambda: not daemon_has_open(daemon, path), timeout=10,
+                 message="the image closed after expiry")
+    finally:
+        con.close()
