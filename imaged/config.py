@@ -37,6 +37,9 @@ DEFAULTS = {
     "images": {
         # 8 MiB was the sweet spot on real storage for ovirt-imageio.
         "buffer_size_bytes": 8 * MiB,
+        # All transfer buffers together stay within this; concurrent
+        # transfers get smaller buffers (see imaged.buffers).
+        "buffer_budget_bytes": 24 * MiB,
         "max_readers": 8,
         "max_writers": 8,
         # Concurrent connections using one session.
@@ -232,6 +235,11 @@ def _check_images(images, base_dir):
     if size % 4096:
         raise ConfigError(f"images.buffer_size_bytes: expected a multiple of "
                           f"4096, got {size}")
+    budget = _int("images.buffer_budget_bytes", images["buffer_budget_bytes"],
+                  2 * 1024**2)
+    if budget < 2 * size:
+        raise ConfigError(f"images.buffer_budget_bytes: expected at least twice "
+                          f"images.buffer_size_bytes ({2 * size}), got {budget}")
     _int("images.max_readers", images["max_readers"], 1, 1024)
     _int("images.max_writers", images["max_writers"], 1, 1024)
     _int("images.max_connections_per_session",

@@ -12,9 +12,11 @@ import logging
 import os
 
 from . import blkhash
+from . import buffers
 from . import errors
 from . import ops
 from . import sessions
+from . import util
 from .backends import open_backend
 
 log = logging.getLogger("images")
@@ -35,6 +37,7 @@ class Images:
         self.unix_socket = unix_socket
         images = cfg["images"]
         self.buffer_size = images["buffer_size_bytes"]
+        self.buffer_pool = buffers.BufferPool(images["buffer_budget_bytes"])
         self.max_readers = images["max_readers"]
         self.max_writers = images["max_writers"]
         self.max_connections = images["max_connections_per_session"]
@@ -147,7 +150,7 @@ class Images:
         log.debug("session %s: READ offset=%d length=%d", session.name, offset, length)
         try:
             gen = ops.read(backend, runner, op, offset, length,
-                           conn.buffers(self.buffer_size))
+                           conn.buffers(self.buffer_pool, self.buffer_size))
             # Read the first chunk now: a failure here (a missing or short
             # image, a canceled session) still gets a proper error status.
             first = next(gen, None)
@@ -165,14 +168,14 @@ class Images:
                   session.name, offset, length, flush)
         with self.operation(session, "write", offset, length, conn, "rw") as (b, r, op):
             ops.write(b, r, op, offset, length, body,
-                      conn.buffers(self.buffer_size), flush)
+                      conn.buffers(self.buffer_pool, self.buffer_size), flush)
 
     def write_stream(self, session, offset, body, conn, flush):
         """Write a body of unknown length; returns bytes written."""
         self.check_range(session, offset, 0)
         with self.operation(session, "write", offset, 0, conn, "rw") as (b, r, op):
             return ops.write_stream(b, r, op, offset, session.size, body,
-                                    conn.buffers(self.buffer_size), flush)
+                                    conn.buffers(self.buffer_pool, self.buffer_size), flush)
 
     def zero(self, session, offset, length, conn, flush):
         self.check_range(session, offset, length)
@@ -202,10 +205,15 @@ class Images:
         log.debug("session %s: CHECKSUM algorithm=%s block_size=%d",
                   session.name, algorithm, block_size)
         with self.operation(session, "checksum", 0, session.size, conn) as (b, r, op):
-            if block_size <= self.buffer_size:
-                buf = conn.buffers(self.buffer_size)[0]
-                return ops.checksum(b, r, op, session.size, algorithm, block_size, buf)
-            from . import util
+            bufs = conn.buffers(self.buffer_pool, self.buffer_size)
+            if block_size <= len(bufs[0]):
+                return ops.checksum(b, r, op, session.size, algorithm,
+                                    block_size, bufs[0])
+            # Blocks larger than the transfer buffers get a buffer of their
+            # own, for this request only.
+            for view in bufs:
+                view.release()
+            conn.release_buffers()
             with util.aligned_buffer(block_size) as mem:
                 with memoryview(mem) as buf:
                     return ops.checksum(b, r, op, session.size, algorithm,

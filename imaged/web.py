@@ -17,7 +17,6 @@ import socket
 import bottle
 import gevent
 
-from . import buffers
 from . import errors
 
 log = logging.getLogger("web")
@@ -203,32 +202,27 @@ class Connection:
         self.busy = False
         self.inactivity_timeout_s = inactivity_timeout_s
         self._buffers = None
-        self._buffer_size = 0
+        self._pool = None
         self._sessions = set()
         # (session, mode, backend) of the image this connection has open.
         self._open = None
 
-    def buffers(self, size, count=2):
+    def buffers(self, pool, size, count=2):
         """
-        `count` aligned buffers of `size` bytes for the current request.
-
-        Borrowed from the daemon-wide pool and given back by
+        `count` aligned buffers of at most `size` bytes for this request,
+        borrowed from `pool` (a buffers.BufferPool) and given back by
         release_buffers() when the request ends.
         """
-        if self._buffers is None or self._buffer_size != size \
-                or len(self._buffers) < count:
+        if self._buffers is None or len(self._buffers) < count:
             self.release_buffers()
-            pool = buffers.pool(size)
-            self._buffers = [pool.get() for _ in range(count)]
-            self._buffer_size = size
+            self._buffers = pool.get(size, count)
+            self._pool = pool
         return [memoryview(b) for b in self._buffers[:count]]
 
     def release_buffers(self):
         """Give the request's buffers back to the pool."""
         if self._buffers is not None:
-            pool = buffers.pool(self._buffer_size)
-            for b in self._buffers:
-                pool.put(b)
+            self._pool.put(self._buffers)
             self._buffers = None
 
     def backend(self, session, mode):
