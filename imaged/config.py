@@ -39,7 +39,7 @@ DEFAULTS = {
         "buffer_size_bytes": 8 * MiB,
         # All transfer buffers together stay within this; concurrent
         # transfers get smaller buffers (see imaged.buffers).
-        "buffer_budget_bytes": 24 * MiB,
+        "buffer_budget_bytes": 16 * MiB,
         "max_readers": 8,
         "max_writers": 8,
         # Concurrent connections using one session.
