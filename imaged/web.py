@@ -138,15 +138,9 @@ def read_json(environ, max_bytes):
     Raises PayloadTooLarge above the cap (checked before reading when the
     length is announced), BadRequest for invalid JSON.
     """
-    length = environ.get("CONTENT_LENGTH") or ""
+    length = content_length(environ)
     chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
     if length:
-        try:
-            length = int(length)
-        except ValueError:
-            raise errors.BadRequest("invalid Content-Length") from None
-        if length < 0:
-            raise errors.BadRequest("invalid Content-Length")
         if length > max_bytes:
             _close_connection(environ)
             raise errors.PayloadTooLarge(
@@ -168,6 +162,20 @@ def read_json(environ, max_bytes):
         raise errors.BadRequest(f"invalid JSON body: {e}") from None
     except RecursionError:
         raise errors.BadRequest("invalid JSON body: nested too deeply") from None
+
+
+def content_length(environ):
+    """The request's Content-Length, or None when it has none."""
+    raw = environ.get("CONTENT_LENGTH")
+    if not raw:
+        return None
+    try:
+        length = int(raw)
+    except ValueError:
+        raise errors.BadRequest("invalid Content-Length") from None
+    if length < 0:
+        raise errors.BadRequest("invalid Content-Length")
+    return length
 
 
 def _close_connection(environ):

@@ -112,20 +112,14 @@ def make_app(registry, cfg, unix_socket=None):
         if header:
             offset, last = ranges.parse_content_range(header)
         body = web.BodyReader(environ)
-        length = environ.get("CONTENT_LENGTH")
         if body.chunked:
             written = service.write_stream(session, offset, body, conn(), flush)
             if last is not None and last != offset + written - 1:
                 raise errors.BadRequest("body length does not match Content-Range")
             return bottle.HTTPResponse(status=200, **{"Content-Length": "0"})
-        if not length:
+        length = web.content_length(environ)
+        if length is None:
             raise errors.BadRequest("Content-Length header is required")
-        try:
-            length = int(length)
-        except ValueError:
-            raise errors.BadRequest("invalid Content-Length") from None
-        if length < 0:
-            raise errors.BadRequest("invalid Content-Length")
         if last is not None and last - offset + 1 != length:
             raise errors.BadRequest(
                 "Content-Range does not match Content-Length")
