@@ -17,25 +17,8 @@ import time
 
 import pytest
 
-KiB = 1024
-MiB = 1024**2
-
-# Seconds a test waits for something that should happen at once.
-WAIT_S = 10
-
-
-# Polling.
-
-def wait_for(predicate, timeout=WAIT_S, interval=0.02, message="condition"):
-    """Poll `predicate` until it returns a true value; returns that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(interval)
+# Shared with the images tests: sizes, the wait and polling with a deadline.
+from tests.images_helpers import KiB, MiB, WAIT_S, wait_for  # noqa: F401
 
 
 # Files.
