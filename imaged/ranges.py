@@ -17,6 +17,11 @@ _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)\s*-\s*(\d+|\*)\s*/\s*(\d+|\*)
 _MAX_DIGITS = 20
 
 
+def _too_long(digits):
+    # Leading zeros are allowed (RFC 9110 numbers are 1*DIGIT).
+    return len(digits.lstrip("0")) > _MAX_DIGITS
+
+
 def parse_range(header, size):
     """
     Parse a GET `Range` header against a resource of `size` bytes.
@@ -29,7 +34,7 @@ def parse_range(header, size):
         raise errors.RangeNotSatisfiable("multiple ranges are not supported", size)
     m = _RANGE_RE.match(header)
     if not m or (not m.group(1) and not m.group(2)) or \
-            len(m.group(1)) > _MAX_DIGITS or len(m.group(2)) > _MAX_DIGITS:
+            _too_long(m.group(1)) or _too_long(m.group(2)):
         raise errors.RangeNotSatisfiable(f"invalid range: {header!r:.80}", size)
     first, last = m.group(1), m.group(2)
     if not first:
@@ -63,7 +68,7 @@ def parse_content_range(header):
     Returns (offset, last or None). Raises BadRequest when malformed.
     """
     m = _CONTENT_RANGE_RE.match(header)
-    if not m or any(len(g) > _MAX_DIGITS for g in m.groups()):
+    if not m or any(_too_long(g) for g in m.groups()):
         raise errors.BadRequest(f"invalid Content-Range: {header!r:.80}")
     first = int(m.group(1))
     last = None if m.group(2) == "*" else int(m.group(2))

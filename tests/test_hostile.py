@@ -44,7 +44,9 @@ SIZE = 192 * KiB + 1000     # Not a multiple of 4096: a partial last block.
 FIELDS = ("uuid", "url", "size", "ops", "timeout", "sparse",
           "inactivity_timeout", "transfer_id")
 
-HYPOTHESIS = dict(deadline=None, database=None, derandomize=False,
+# Derandomized: the same examples on every run, so CI is not a lottery;
+# change the seed (or run with derandomize=False) to explore further.
+HYPOTHESIS = dict(deadline=None, database=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow,
                                          HealthCheck.filter_too_much,
                                          HealthCheck.function_scoped_fixture])

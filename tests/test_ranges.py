@@ -13,6 +13,7 @@ from imaged.ranges import RangeSet, parse_content_range, parse_range
     ("bytes=-1000", (0, 100)),
     ("bytes=99-99", (99, 1)),
     (" bytes = 5 - 6 ", (5, 2)),
+    ("bytes=0-00000000000000000000001", (0, 2)),
 ])
 def test_parse_range(header, expected):
     assert parse_range(header, 100) == expected
