@@ -130,6 +130,22 @@ def random_bytes(rnd, n):
         bytes(rnd.getrandbits(8) for _ in range(n))
 
 
+def apply_op(b, model, rnd, op, offset, length, step):
+    """Do one write, zero or read on backend `b` and on its bytearray model;
+    a read must match the model."""
+    if op == "write":
+        data = random_bytes(rnd, length)
+        b.write(offset, data)
+        model[offset:offset + length] = data
+    elif op == "zero":
+        b.zero(offset, length)
+        model[offset:offset + length] = bytes(length)
+    else:
+        buf = bytearray(length)
+        assert b.readinto(offset, buf) == length
+        assert buf == model[offset:offset + length], (step, offset)
+
+
 # Opening
 
 def test_open_missing(tmp_path):
@@ -665,17 +681,7 @@ def test_random_operations(storage, sparse):
                          size - offset)
             if rnd.random() < 0.5:
                 length = rnd.randint(1, length)
-            if op == "write":
-                data = random_bytes(rnd, length)
-                b.write(offset, data)
-                model[offset:offset + length] = data
-            elif op == "zero":
-                b.zero(offset, length)
-                model[offset:offset + length] = bytes(length)
-            else:
-                buf = bytearray(length)
-                assert b.readinto(offset, buf) == length
-                assert buf == model[offset:offset + length], (i, offset)
+            apply_op(b, model, rnd, op, offset, length, step=i)
         b.flush()
     assert read_file(path) == model
 
@@ -725,17 +731,7 @@ def test_device_random_operations(loop_device, sparse):
             offset = rnd.randrange(size)
             length = min(rnd.choice([1, 513, 4096, 40000, 2 * MiB]),
                          size - offset)
-            if op == "write":
-                data = random_bytes(rnd, length)
-                b.write(offset, data)
-                model[offset:offset + length] = data
-            elif op == "zero":
-                b.zero(offset, length)
-                model[offset:offset + length] = bytes(length)
-            else:
-                buf = bytearray(length)
-                assert b.readinto(offset, buf) == length
-                assert buf == model[offset:offset + length], (i, offset)
+            apply_op(b, model, rnd, op, offset, length, step=i)
         b.zero(0, 4 * MiB)
         model[:4 * MiB] = bytes(4 * MiB)
         b.flush()
