@@ -157,10 +157,7 @@ class Images:
         except BaseException:
             cm.__exit__(None, None, None)
             raise
-        # Our server sends each chunk before asking for the next, so it may
-        # get views of the reused buffers. Any other WSGI server (a detached
-        # connection) may keep chunks around and needs bytes (PEP 3333).
-        return _Stream(first, gen, cm, copy=conn.sock is None)
+        return _Stream(first, gen, cm, conn)
 
     def write(self, session, offset, length, body, conn, flush):
         self.check_range(session, offset, length)
@@ -224,13 +221,22 @@ class _Stream:
     """
     The response body of a read: iterates the chunks, and ends the
     operation when the server closes it (also when the client went away).
+
+    The connection is corked while the body streams (see
+    web.Connection.cork) and uncorked as soon as the last chunk is handed
+    to the server, so the tail never waits.
     """
 
-    def __init__(self, first, gen, cm, copy=False):
+    def __init__(self, first, gen, cm, conn):
         self._first = first
         self._gen = gen
         self._cm = cm
-        self._copy = copy
+        self._conn = conn
+        # Our server sends each chunk before asking for the next, so it may
+        # get views of the reused buffers. Any other WSGI server (a detached
+        # connection) may keep chunks around and needs bytes (PEP 3333).
+        self._copy = conn.sock is None
+        self._corked = False
 
     def __iter__(self):
         return self
@@ -240,12 +246,24 @@ class _Stream:
             # Bottle peeks at the first item and accepts only bytes; later
             # items go to the server as they are (memoryviews, no copy).
             chunk, self._first = bytes(self._first), None
+            self._conn.cork(True)
+            self._corked = True
             return chunk
-        chunk = next(self._gen)
+        try:
+            chunk = next(self._gen)
+        except StopIteration:
+            self._uncork()
+            raise
         return bytes(chunk) if self._copy else chunk
+
+    def _uncork(self):
+        if self._corked:
+            self._corked = False
+            self._conn.cork(False)
 
     def close(self):
         try:
+            self._uncork()
             self._gen.close()
         finally:
             cm, self._cm = self._cm, None
