@@ -1294,7 +1294,7 @@ def main(argv=None):
                              "client-download-1 client-download-4 client-upload-1 "
                              "client-upload-4 client-sparse-download)")
     parser.add_argument("--idle-connections", type=int,
-                        help="idle keep-alive connections to open (default 50, smoke 10)")
+                        help="idle keep-alive connections to open (default 50, smoke 10; 0 skips)")
     parser.add_argument("--verify-every-get", action="store_true",
                         help="time curl downloads into RAM and verify each one, instead "
                              "of timing them into /dev/null after one verified download")
@@ -1354,8 +1354,9 @@ def main(argv=None):
         r.cases = bench.cases()
         bench.measure(r.cases)
         per_conn = min(16 * MiB, args.size)
+        # --idle-connections 0 skips the idle connections test.
         for name in ("imaged", "ovirt-imageio"):
-            if name in bench.servers:
+            if name in bench.servers and args.idle_connections > 0:
                 log(f"idle keep-alive connections: {name}")
                 res = extra(f"idle connections test ({name})", lambda: bench.idle_connections(
                     bench.servers[name], args.idle_connections, per_conn))
