@@ -229,6 +229,7 @@ class _Stream:
 
     def __init__(self, first, gen, cm, conn):
         self._first = first
+        self._rest = None
         self._gen = gen
         self._cm = cm
         self._conn = conn
@@ -244,11 +245,17 @@ class _Stream:
     def __next__(self):
         if self._first is not None:
             # Bottle peeks at the first item and accepts only bytes; later
-            # items go to the server as they are (memoryviews, no copy).
-            chunk, self._first = bytes(self._first), None
+            # items go to the server as they are (memoryviews, no copy). So
+            # the first item is one byte (not a copy of a whole piece, up to
+            # 1 MiB per request) and the rest of the piece comes next.
+            first, self._first = self._first, None
+            self._rest = first[1:]
             self._conn.cork(True)
             self._corked = True
-            return chunk
+            return bytes(first[:1])
+        if self._rest:
+            rest, self._rest = self._rest, None
+            return bytes(rest) if self._copy else rest
         try:
             chunk = next(self._gen)
         except StopIteration:
