@@ -12,10 +12,15 @@ Glue between Bottle and the rest of imaged.
 import functools
 import json
 import logging
+import os
+import select
 import socket
 
 import bottle
 import gevent
+import gevent.lock
+import gevent.monkey
+import gevent.ssl
 
 from . import errors
 
@@ -344,13 +349,35 @@ class BodyReader:
     transfer buffer, keeping Input's position right so that pywsgi knows how
     much of the body is left. Other WSGI servers (webtest in the tests) get
     the portable read() path.
+
+    On plain sockets (the local unix socket, TCP without TLS) a large read
+    runs in a pool thread, blocking in the kernel: a client such as curl
+    sends 64 KiB at a time, and receiving each piece through the event loop
+    (an EAGAIN, a hub switch, a timeout) cost more CPU than the copy. TLS
+    stays in the event loop: its state belongs to the hub.
     """
+
+    # Reads smaller than this are not worth a trip to a pool thread.
+    THREAD_READ_MIN_BYTES = 256 * 1024
+    # Uploads receiving in pool threads at once, so that many local uploads
+    # cannot take the pool from the disk I/O; the others use the event loop.
+    THREAD_READERS = 4
+
+    _thread_readers = None
 
     def __init__(self, environ):
         self._input = environ["wsgi.input"]
         self.chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
         self._direct = (not self.chunked and hasattr(self._input, "rfile")
                         and hasattr(self._input, "position"))
+        conn = environ.get(CONNECTION_KEY)
+        sock = conn.sock if conn is not None else None
+        # The file descriptor for pool thread reads, once the stream's own
+        # buffer no longer holds body bytes.
+        self._fd = None
+        self._plain = (self._direct and sock is not None
+                       and not isinstance(sock, gevent.ssl.SSLSocket))
+        self._sock = sock
 
     def readinto_exactly(self, view):
         """Fill `view`; raises BadRequest if the body ends first."""
@@ -364,22 +391,90 @@ class BodyReader:
 
     def readinto_some(self, view):
         """Read up to len(view) bytes; 0 at the end of the body."""
-        if self._direct:
-            inp = self._input
-            left = (inp.content_length or 0) - inp.position
-            if left <= 0:
-                return 0
-            # Answer "Expect: 100-continue" before waiting for the body.
+        if not self._direct:
             try:
-                inp._send_100_continue()
-                count = inp.rfile.readinto(view[:min(len(view), left)])
+                data = self._input.read(len(view))
             except OSError as e:
                 raise ClientGone(f"connection lost while reading the body: {e}") from None
-            inp.position += count
-            return count
+            view[:len(data)] = data
+            return len(data)
+        inp = self._input
+        left = (inp.content_length or 0) - inp.position
+        if left <= 0:
+            return 0
+        want = min(len(view), left)
         try:
-            data = self._input.read(len(view))
+            # Answer "Expect: 100-continue" before waiting for the body.
+            inp._send_100_continue()
+            if self._plain and self._fd is None and want >= self.THREAD_READ_MIN_BYTES:
+                count = self._drain_stream(view[:want])
+            elif self._fd is not None and want >= self.THREAD_READ_MIN_BYTES:
+                count = self._read_in_thread(view[:want])
+            else:
+                count = inp.rfile.readinto(view[:want])
         except OSError as e:
             raise ClientGone(f"connection lost while reading the body: {e}") from None
+        inp.position += count
+        return count
+
+    def _drain_stream(self, view):
+        # read1() returns only bytes the stream has buffered, or if it has
+        # none makes one read of the socket; either way, when it returns
+        # fewer bytes than asked, the stream's buffer is empty and the rest
+        # of the body can be read from the socket itself.
+        data = self._input.rfile.read1(min(len(view), 64 * 1024))
         view[:len(data)] = data
+        if len(data) < 64 * 1024 and data:
+            self._fd = self._sock.fileno()
         return len(data)
+
+    def _read_in_thread(self, view):
+        cls = BodyReader
+        if cls._thread_readers is None:
+            cls._thread_readers = gevent.lock.BoundedSemaphore(cls.THREAD_READERS)
+        if not cls._thread_readers.acquire(blocking=False):
+            return self._input.rfile.readinto(view)
+        try:
+            pool = gevent.get_hub().threadpool
+            result = pool.spawn(_recv_blocking, self._fd, view, self._sock.gettimeout())
+            try:
+                return result.get()
+            except BaseException:
+                # The thread writes into `view`: it must be done before the
+                # buffer goes back to the pool. Waking it takes tearing the
+                # connection down.
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                result.wait()
+                raise
+        finally:
+            cls._thread_readers.release()
+
+
+# The real poll(), not gevent's (imaged monkey patches): this one waits in
+# a pool thread, outside the event loop.
+_thread_poll = gevent.monkey.get_original("select", "poll")
+
+
+def _recv_blocking(fd, view, timeout_s):
+    """
+    Fill `view` from socket `fd` in a pool thread; fewer bytes at the end
+    of the stream. Raises socket.timeout after `timeout_s` without data.
+    """
+    poller = _thread_poll()
+    poller.register(fd, select.POLLIN)
+    timeout_ms = -1 if timeout_s is None else int(timeout_s * 1000)
+    got = 0
+    while got < len(view):
+        try:
+            count = os.readv(fd, [view[got:]])
+        except BlockingIOError:
+            if not poller.poll(timeout_ms):
+                raise socket.timeout("timed out waiting for the request body")
+            continue
+        if not count:
+            break
+        got += count
+    return got

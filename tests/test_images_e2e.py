@@ -796,13 +796,12 @@ def test_inactivity_timeout_session(daemon, tmp_path):
         assert time.monotonic() - start >= 0.5
 
 
-def test_inactivity_timeout_stalled_upload(daemon, tmp_path):
+def test_inactivity_timeout_stalled_upload(transport, daemon, tmp_path):
     # A client that stops sending mid-body is dropped; the upload fails.
     size = 64 * MiB
     path = big_sparse(tmp_path, size)
     sid = daemon.add_session(path, inactivity_timeout=1)
-    tr = Transport(daemon, "tcp")
-    con = start_put(tr, sid, size, first=2 * MiB)
+    con = start_put(transport, sid, size, first=2 * MiB)
     wait_for(lambda: progress(daemon, sid)["active"], message="upload started")
     wait_for(lambda: not progress(daemon, sid)["active"], message="upload dropped")
     assert finish_put(con, size - 2 * MiB) != 200
