@@ -440,14 +440,16 @@ class BodyReader:
             try:
                 return result.get()
             except BaseException:
-                # The thread writes into `view`: it must be done before the
-                # buffer goes back to the pool. Waking it takes tearing the
-                # connection down.
-                try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                result.wait()
+                if not result.ready():
+                    # Interrupted (the daemon is stopping): the thread writes
+                    # into `view`, so it must be done before the buffer goes
+                    # back to the pool. Waking it takes tearing the
+                    # connection down.
+                    try:
+                        self._sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    result.wait()
                 raise
         finally:
             cls._thread_readers.release()
