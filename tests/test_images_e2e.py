@@ -187,6 +187,31 @@ def test_upload(transport, daemon, image):
     assert os.path.getsize(path) == len(content)
 
 
+def test_uploads_of_many_sizes_on_one_connection(transport, daemon, tmp_path):
+    # Large bodies on plain sockets are read past the connection's stream
+    # buffer (in a pool thread): bodies just below, at and above the sizes
+    # where that starts, one after another on one keep-alive connection,
+    # must each land whole and leave the next request intact.
+    path = str(tmp_path / "image.raw")
+    size = 17 * MiB
+    with open(path, "wb") as f:
+        f.truncate(size)
+    sid = daemon.add_session(path)
+    s = transport.session()
+    expected = bytearray(size)
+    for length in [1, 64 * KiB - 1, 64 * KiB, 256 * KiB - 1, 256 * KiB,
+                   256 * KiB + 1, 8 * MiB - 1, 8 * MiB + 100 * KiB, 17 * MiB]:
+        data = os.urandom(length)
+        r = s.put(transport.url(sid), data=data, timeout=WAIT_S,
+                  headers={"Content-Range": f"bytes 0-{length - 1}/*"})
+        assert r.status_code == 200, (length, r.text)
+        expected[:length] = data
+        r = s.get(transport.url(sid), headers={"Range": f"bytes=0-{length - 1}"},
+                  timeout=WAIT_S)
+        assert r.content == bytes(expected[:length]), length
+    assert read_file(path) == bytes(expected)
+
+
 def test_upload_ranges_and_flush(transport, daemon, sparse_image):
     path, content = sparse_image
     sid = daemon.add_session(path)
