@@ -245,7 +245,7 @@ def test_slow_but_steady_reader_is_not_dropped(daemon, tmp_path):
     assert got > want
 
 
-@pytest.mark.parametrize("kind", ["tcp", "tls"])
+@pytest.mark.parametrize("kind", ["tcp", "tls", "unix"])
 def test_client_that_stops_sending_is_dropped(daemon, tmp_path, kind):
     size = 64 * MiB
     path = sparse_file(tmp_path / "disk.raw", size)
@@ -364,14 +364,17 @@ def test_removal_aborts_stalled_transfer(daemon, tmp_path, removal, stall):
 
 # SIGTERM.
 
-def test_sigterm_mid_transfer(daemon, tmp_path):
+# The upload over TLS is read in the event loop, over the unix socket in a
+# pool thread: both must end when the daemon stops.
+@pytest.mark.parametrize("kind", ["tls", "unix"])
+def test_sigterm_mid_transfer(daemon, tmp_path, kind):
     size = BIG
     wpath = sparse_file(tmp_path / "write.raw", size)
     rpath = sparse_file(tmp_path / "read.raw", size, [(0, os.urandom(MiB))])
     wsid = daemon.add_session(wpath)
     rsid = daemon.add_session(rpath, ops=["read"])
 
-    writer = connect(daemon, "tls")
+    writer = connect(daemon, kind)
     start_put(writer, f"/images/{wsid}", size)
     sent = 24 * MiB
     data = os.urandom(sent)
@@ -392,7 +395,7 @@ def test_sigterm_mid_transfer(daemon, tmp_path):
     reader.close()
     assert daemon.proc.wait(20) == 0
     took = time.monotonic() - start
-    print(f"FIGURE SIGTERM with a running upload and download: exit status 0 "
+    print(f"FIGURE SIGTERM with a running upload ({kind}) and download: exit status 0 "
           f"after {took:.2f} s")
     # Within the stop timeout (5 s) and some.
     assert took < 10
