@@ -38,7 +38,6 @@ class BufferPool:
 
     def __init__(self, budget_bytes):
         self.budget_bytes = budget_bytes
-        self.in_use_bytes = 0
         self.borrowers = 0
         # Mappings made since start: the area, plus buffers beyond the
         # budget. A number that keeps growing under steady load means churn.
@@ -63,7 +62,6 @@ class BufferPool:
             size //= 2
         size = max(size, min(max_size, MIN_SIZE_BYTES))
         bufs = [self._take(size) for _ in range(count)]
-        self.in_use_bytes += count * size
         self.borrowers += 1
         return bufs
 
@@ -72,12 +70,16 @@ class BufferPool:
         self.borrowers -= 1
         for buf in bufs:
             _, first, n, own = self._lent.pop(id(buf))
-            self.in_use_bytes -= len(buf)
             if own is None:
                 self._free[first:first + n] = [True] * n
             else:
                 _unmap(buf)
                 _unmap(own)
+
+    @property
+    def in_use_bytes(self):
+        """Bytes of all buffers lent out, in the area or beyond it."""
+        return sum(len(buf) for buf, *_ in self._lent.values())
 
     @property
     def free_bytes(self):
@@ -106,22 +108,20 @@ class BufferPool:
 
     def _find(self, n):
         """The first granule of the first free run of `n`, or None."""
+        return next(self._free_runs(n), None)
+
+    def _runs(self, n):
+        """How many separate runs of `n` free granules the area has."""
+        return sum(1 for _ in self._free_runs(n))
+
+    def _free_runs(self, n):
+        """The first granules of separate runs of `n` free granules."""
         run = 0
         for i, free in enumerate(self._free):
             run = run + 1 if free else 0
             if run == n:
-                return i - n + 1
-        return None
-
-    def _runs(self, n):
-        """How many separate runs of `n` free granules the area has."""
-        runs = run = 0
-        for free in self._free:
-            run = run + 1 if free else 0
-            if run == n:
-                runs += 1
+                yield i - n + 1
                 run = 0
-        return runs
 
 
 def _granules(size):
