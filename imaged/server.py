@@ -54,7 +54,7 @@ class Handler(pywsgi.WSGIHandler):
     header_timeout_s = 30
 
     def handle(self):
-        if self.socket.family in (socket.AF_INET, socket.AF_INET6):
+        if self.socket.family in web.TCP_FAMILIES:
             # The tail of a response must not wait for the client's delayed
             # ACK (Nagle): with one request per extent that cost ~20 ms each.
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -359,6 +359,9 @@ class BodyReader:
 
     # Reads smaller than this are not worth a trip to a pool thread.
     THREAD_READ_MIN_BYTES = 256 * 1024
+    # What the first large read takes from the connection's stream, which
+    # buffers much less than this (8 KiB).
+    DRAIN_BYTES = 64 * 1024
     # Uploads receiving in pool threads at once, so that many local uploads
     # cannot take the pool from the disk I/O; the others use the event loop.
     THREAD_READERS = 4
@@ -422,9 +425,9 @@ class BodyReader:
         # none makes one read of the socket; either way, when it returns
         # fewer bytes than asked, the stream's buffer is empty and the rest
         # of the body can be read from the socket itself.
-        data = self._input.rfile.read1(min(len(view), 64 * 1024))
+        data = self._input.rfile.read1(min(len(view), self.DRAIN_BYTES))
         view[:len(data)] = data
-        if len(data) < 64 * 1024 and data:
+        if len(data) < self.DRAIN_BYTES and data:
             self._fd = self._sock.fileno()
         return len(data)
 
