@@ -98,8 +98,7 @@ class BufferPool:
             return buf
         if self._area is None:
             self.allocations += 1
-            self._area = memoryview(
-                util.aligned_buffer(len(self._free) * MIN_SIZE_BYTES))
+            self._area = util.huge_page_area(len(self._free) * MIN_SIZE_BYTES)
         self._free[first:first + n] = [False] * n
         start = first * MIN_SIZE_BYTES
         buf = self._area[start:start + size]

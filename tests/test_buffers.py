@@ -1,6 +1,7 @@
 import random
 
 from imaged import buffers
+from imaged import util
 
 MiB = 1024**2
 
@@ -19,6 +20,16 @@ def test_lone_transfer_gets_full_size_buffers():
     # Reused, not mapped again.
     pool.get(8 * MiB)
     assert pool.allocations == 1
+
+
+def test_buffers_start_on_huge_pages():
+    # Direct I/O into huge pages makes few large requests (imaged.util).
+    pool = buffers.BufferPool(16 * MiB)
+    for size in (8 * MiB, 4 * MiB, 2 * MiB):
+        bufs = pool.get(size)
+        assert sizes(bufs) == [size, size]
+        assert all(util.address(b) % util.HUGE_PAGE_BYTES == 0 for b in bufs)
+        pool.put(bufs)
 
 
 def test_concurrent_transfers_share_the_budget():
