@@ -4,6 +4,7 @@ repetition, imaged only. Proves that `make bench` works; measures nothing.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -28,6 +29,8 @@ def test_bench_smoke(tmp_path):
     assert "| transfer " in p.stdout
     assert "HTTPS GET (curl)" in p.stdout
     assert "Machine limits" in p.stdout
+    assert re.search(r"into huge pages \(as imaged reads\) \d+\.\d+ / \d+\.\d+ GB/s",
+                     p.stdout)
     assert (out / "results.json").exists()
     # Large files are removed unless --keep.
     assert not any(n.endswith(".raw") for n in os.listdir(out / "images"))
