@@ -445,16 +445,15 @@ class BodyReader:
             return self._input.rfile.readinto(view)
         try:
             pool = gevent.get_hub().threadpool
-            timeout_s = self._sock.gettimeout()
+            tls = None
             if self._tls:
                 # The C object under gevent's SSLSocket; None once abort()
                 # shut the connection down.
                 tls = self._sock._sslobj
                 if tls is None:
                     raise ClientGone("connection shut down while reading the body")
-                result = pool.spawn(_recv_tls_blocking, tls, self._fd, view, timeout_s)
-            else:
-                result = pool.spawn(_recv_blocking, self._fd, view, timeout_s)
+            result = pool.spawn(_recv_blocking, self._fd, view,
+                                self._sock.gettimeout(), tls)
             try:
                 return result.get()
             except BaseException:
@@ -478,44 +477,28 @@ class BodyReader:
 _thread_poll = gevent.monkey.get_original("select", "poll")
 
 
-def _recv_blocking(fd, view, timeout_s):
+def _recv_blocking(fd, view, timeout_s, tls=None):
     """
     Fill `view` from socket `fd` in a pool thread; fewer bytes at the end
     of the stream. Raises socket.timeout after `timeout_s` without data.
-    """
-    poller = _thread_poll()
-    poller.register(fd, select.POLLIN)
-    timeout_ms = -1 if timeout_s is None else int(timeout_s * 1000)
-    got = 0
-    while got < len(view):
-        try:
-            count = os.readv(fd, [view[got:]])
-        except BlockingIOError:
-            if not poller.poll(timeout_ms):
-                raise socket.timeout("timed out waiting for the request body")
-            continue
-        if not count:
-            break
-        got += count
-    return got
 
-
-def _recv_tls_blocking(tls, fd, view, timeout_s):
-    """
-    _recv_blocking() for a TLS connection: `tls` (an ssl._SSLSocket over
-    the non-blocking socket `fd`) decrypts straight into `view`.
+    With `tls` (the ssl._SSLSocket over the non-blocking `fd`), OpenSSL
+    decrypts straight into `view`.
     """
     poller = _thread_poll()
     timeout_ms = -1 if timeout_s is None else int(timeout_s * 1000)
     got = 0
     while got < len(view):
         try:
-            count = tls.read(len(view) - got, view[got:])
-        except ssl.SSLWantReadError:
-            # OpenSSL needs more of a record from the socket.
+            if tls is None:
+                count = os.readv(fd, [view[got:]])
+            else:
+                count = tls.read(len(view) - got, view[got:])
+        except (BlockingIOError, ssl.SSLWantReadError):
+            # No data yet, or OpenSSL needs more of a record.
             events = select.POLLIN
         except ssl.SSLWantWriteError:
-            # It must answer the client first (a TLS 1.3 key update).
+            # OpenSSL must answer the client first (a TLS 1.3 key update).
             events = select.POLLOUT
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             break

@@ -93,7 +93,7 @@ def tls_pair(tls_files):
 
 def recv_tls(server, view, timeout_s):
     # The C object under the socket, as BodyReader passes it.
-    return web._recv_tls_blocking(server._sslobj, server.fileno(), view, timeout_s)
+    return web._recv_blocking(server.fileno(), view, timeout_s, server._sslobj)
 
 
 def test_recv_tls_fills_the_view_from_many_records(tls_pair):
