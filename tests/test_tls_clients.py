@@ -165,6 +165,34 @@ def test_tls_1_3(daemon):
     assert cipher.startswith("TLS_"), cipher
 
 
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
+                         ids=["TLSv1.2", "TLSv1.3"])
+def test_large_upload_over_each_tls_version(daemon, tmp_path, version):
+    # Large bodies are decrypted in a pool thread (imaged.web.BodyReader);
+    # the client writes pieces that do not match TLS records or buffers.
+    size = 9 * 1024**2 + 4096
+    image = tmp_path / "upload.raw"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    sid = daemon.add_session(image)
+    data = os.urandom(size)
+    ctx = ssl.create_default_context(cafile=daemon.cert)
+    ctx.minimum_version = ctx.maximum_version = version
+    with socket.create_connection(("127.0.0.1", daemon.tls_port), timeout=30) as s:
+        with ctx.wrap_socket(s, server_hostname="localhost") as tls:
+            tls.sendall(f"PUT /images/{sid}?flush=y HTTP/1.1\r\nHost: localhost\r\n"
+                        f"Content-Length: {size}\r\n\r\n".encode() + data[:1000])
+            for start in range(1000, size, 100_003):
+                tls.sendall(data[start:start + 100_003])
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                piece = tls.recv(65536)
+                assert piece, reply
+                reply += piece
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert image.read_bytes() == data
+
+
 # The key file check at start.
 
 def write_config_with_key(d, key_path):
