@@ -93,7 +93,6 @@ import ctypes.util
 import datetime
 import http.client
 import json
-import mmap
 import os
 import platform
 import random
@@ -109,6 +108,8 @@ import sys
 import tempfile
 import time
 import uuid
+
+from imaged import util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -1110,16 +1111,12 @@ class Bench:
 def direct_read_rate(path, chunk):
     """
     GB/s of an O_DIRECT read of `path`, `chunk` bytes at a time, into a
-    buffer of transparent huge pages, as imaged reads. dd's buffer is
-    4 KiB pages wherever malloc put them: on a device that caps the
-    segments of a request, its figure depends on memory fragmentation.
+    buffer made as imaged makes its transfer buffers (transparent huge
+    pages). dd's buffer is 4 KiB pages wherever malloc put them: on a
+    device that caps the segments of a request, its figure depends on
+    memory fragmentation.
     """
-    huge = 2 * MiB
-    area = mmap.mmap(-1, chunk + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(AttributeError, OSError):
-        area.madvise(mmap.MADV_HUGEPAGE)
-    start = -ctypes.addressof(ctypes.c_char.from_buffer(area)) % huge
-    view = memoryview(area)[start:start + chunk]
+    view = util.huge_page_area(chunk)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         began = time.monotonic()
@@ -1132,8 +1129,6 @@ def direct_read_rate(path, chunk):
         return pos / (time.monotonic() - began) / GB
     finally:
         os.close(fd)
-        view.release()
-        area.close()
 
 
 def dd_rate(stderr):
