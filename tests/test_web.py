@@ -1,10 +1,11 @@
 """
 imaged.web pieces that need no server: the blocking body reader that runs
-in pool threads, on real socket pairs.
+in pool threads, on real socket pairs, plain and TLS (real handshakes).
 """
 
 import os
 import socket
+import ssl
 import threading
 
 import pytest
@@ -12,59 +13,122 @@ import pytest
 from imaged import web
 
 
-@pytest.fixture
-def pair():
+class Link:
+    """
+    The server end of a socket pair as the body reader sees it (a
+    non-blocking socket, with TLS its C object) and the client end.
+    """
+
+    def __init__(self, server, client, tls):
+        self.server = server
+        self.client = client
+        self.tls = tls
+
+    def recv(self, view, timeout_s):
+        """What BodyReader runs in a pool thread."""
+        return web._recv_blocking(self.server.fileno(), view, timeout_s, self.tls)
+
+
+def tls_link(a, b, tls_files):
+    cert, key = tls_files
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=cert)
+    client = client_ctx.wrap_socket(b, server_hostname="localhost",
+                                    do_handshake_on_connect=False)
+    t = threading.Thread(target=client.do_handshake)
+    t.start()
+    server = server_ctx.wrap_socket(a, server_side=True)
+    t.join(10)
+    server.setblocking(False)
+    return Link(server, client, server._sslobj)
+
+
+@pytest.fixture(params=["plain", "tls"])
+def link(request):
     a, b = socket.socketpair()
-    # Like a gevent socket: the file descriptor is non-blocking.
-    a.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
+    if request.param == "tls":
+        link = tls_link(a, b, request.getfixturevalue("tls_files"))
+    else:
+        # Like a gevent socket: the file descriptor is non-blocking.
+        a.setblocking(False)
+        link = Link(a, b, None)
+    yield link
+    link.server.close()
+    link.client.close()
 
 
-def test_recv_blocking_fills_the_view_from_many_sends(pair):
-    reader, writer = pair
+def test_recv_fills_the_view_from_many_sends(link):
     data = os.urandom(3 * 1024**2 + 5)
 
     def send():
         for start in range(0, len(data), 64 * 1024):
-            writer.sendall(data[start:start + 64 * 1024])
+            link.client.sendall(data[start:start + 64 * 1024])
 
     t = threading.Thread(target=send)
     t.start()
     view = memoryview(bytearray(len(data)))
-    assert web._recv_blocking(reader.fileno(), view, 10) == len(data)
+    assert link.recv(view, 10) == len(data)
     t.join()
     assert view.tobytes() == data
 
 
-def test_recv_blocking_stops_at_the_end_of_the_stream(pair):
-    reader, writer = pair
-    writer.sendall(b"abc")
-    writer.shutdown(socket.SHUT_WR)
+def test_recv_stops_at_the_end_of_the_stream(link):
+    # No TLS close_notify either: a client that died mid-upload.
+    link.client.sendall(b"abc")
+    link.client.shutdown(socket.SHUT_WR)
     view = memoryview(bytearray(10))
-    assert web._recv_blocking(reader.fileno(), view, 10) == 3
+    assert link.recv(view, 10) == 3
     assert view[:3] == b"abc"
 
 
-def test_recv_blocking_times_out_without_data(pair):
-    reader, writer = pair
-    writer.sendall(b"x")
-    view = memoryview(bytearray(10))
+def test_recv_times_out_without_data(link):
+    link.client.sendall(b"x")
     with pytest.raises(socket.timeout):
-        web._recv_blocking(reader.fileno(), view, 0.2)
+        link.recv(memoryview(bytearray(10)), 0.2)
 
 
-def test_recv_blocking_wakes_when_the_connection_is_torn_down(pair):
-    # Aborting a transfer shuts the server's socket down: the pool thread
-    # must return at once, not wait for its timeout.
-    reader, writer = pair
+def test_recv_wakes_when_the_connection_is_torn_down(link):
+    # Aborting a transfer shuts the server's socket down (and nothing
+    # more, see Connection.abort): the pool thread must return at once,
+    # not wait for its timeout.
     result = []
     t = threading.Thread(target=lambda: result.append(
-        web._recv_blocking(reader.fileno(), memoryview(bytearray(10)), 60)))
+        link.recv(memoryview(bytearray(10)), 60)))
     t.start()
-    writer.sendall(b"12")
-    reader.shutdown(socket.SHUT_RDWR)
+    link.client.sendall(b"12")
+    socket.socket.shutdown(link.server, socket.SHUT_RDWR)
     t.join(10)
     assert not t.is_alive()
     assert result and result[0] <= 2
+
+
+def test_recv_tls_stops_at_close_notify(tls_files):
+    a, b = socket.socketpair()
+    link = tls_link(a, b, tls_files)
+    try:
+        link.client.sendall(b"abc")
+        # Sends close_notify, then waits for the server's, which never comes.
+        link.client.settimeout(0.5)
+        with pytest.raises(OSError):
+            link.client.unwrap()
+        view = memoryview(bytearray(10))
+        assert link.recv(view, 10) == 3
+        assert view[:3] == b"abc"
+    finally:
+        link.server.close()
+        link.client.close()
+
+
+def test_recv_tls_times_out_on_half_a_record(tls_files):
+    # A record cut short: OpenSSL keeps asking for the rest.
+    a, b = socket.socketpair()
+    link = tls_link(a, b, tls_files)
+    try:
+        with socket.socket(fileno=os.dup(link.client.fileno())) as raw:
+            raw.sendall(bytes([23, 3, 3, 0x40, 0x00]) + b"x" * 100)
+        with pytest.raises(socket.timeout):
+            link.recv(memoryview(bytearray(10)), 0.2)
+    finally:
+        link.server.close()
+        link.client.close()
