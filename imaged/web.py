@@ -367,8 +367,8 @@ class BodyReader:
     Python layers of the stream and gevent's socket per 16 KiB record
     (22% of the daemon's CPU on an HTTPS upload). That is safe because
     nothing else uses the connection meanwhile: its greenlet waits for the
-    thread, and Connection.abort() only shuts the socket down, which ends
-    the thread's read.
+    thread, and Connection.abort() only shuts the socket down (waking the
+    thread's wait) and makes its close a reset.
     """
 
     # Reads smaller than this are not worth a trip to a pool thread.
@@ -395,6 +395,7 @@ class BodyReader:
         self._threaded = self._direct and sock is not None
         self._tls = isinstance(sock, gevent.ssl.SSLSocket)
         self._sock = sock
+        self._conn = conn
 
     def readinto_exactly(self, view):
         """Fill `view`; raises BadRequest if the body ends first."""
@@ -470,10 +471,7 @@ class BodyReader:
                     # into `view`, so it must be done before the buffer goes
                     # back to the pool. Waking it takes tearing the
                     # connection down.
-                    try:
-                        self._sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                    self._conn.abort()
                     result.wait()
                 raise
         finally:

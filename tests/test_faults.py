@@ -364,8 +364,8 @@ def test_removal_aborts_stalled_transfer(daemon, tmp_path, removal, stall):
 
 # SIGTERM.
 
-# The upload over TLS is read in the event loop, over the unix socket in a
-# pool thread: both must end when the daemon stops.
+# Large uploads are read in pool threads (over TLS, decrypted there): both
+# transports must end when the daemon stops, and the client learn at once.
 @pytest.mark.parametrize("kind", ["tls", "unix"])
 def test_sigterm_mid_transfer(daemon, tmp_path, kind):
     size = BIG
