@@ -3,6 +3,7 @@ imaged.web pieces that need no server: the blocking body reader that runs
 in pool threads, on real socket pairs, plain and TLS (real handshakes).
 """
 
+import io
 import os
 import socket
 import ssl
@@ -19,14 +20,16 @@ class Link:
     non-blocking socket, with TLS its C object) and the client end.
     """
 
-    def __init__(self, server, client, tls):
+    def __init__(self, server, client, tls, spin_s=0.0):
         self.server = server
         self.client = client
         self.tls = tls
+        self.spin_s = spin_s
 
     def recv(self, view, timeout_s):
         """What BodyReader runs in a pool thread."""
-        return web._recv_blocking(self.server.fileno(), view, timeout_s, self.tls)
+        return web._recv_blocking(self.server.fileno(), view, timeout_s, self.tls,
+                                  self.spin_s)
 
 
 def tls_link(a, b, tls_files):
@@ -44,7 +47,7 @@ def tls_link(a, b, tls_files):
     return Link(server, client, server._sslobj)
 
 
-@pytest.fixture(params=["plain", "tls"])
+@pytest.fixture(params=["plain", "plain-spin", "tls"])
 def link(request):
     a, b = socket.socketpair()
     if request.param == "tls":
@@ -52,7 +55,8 @@ def link(request):
     else:
         # Like a gevent socket: the file descriptor is non-blocking.
         a.setblocking(False)
-        link = Link(a, b, None)
+        spin_s = web.BodyReader.UNIX_SPIN_S if request.param == "plain-spin" else 0.0
+        link = Link(a, b, None, spin_s)
     yield link
     link.server.close()
     link.client.close()
@@ -132,3 +136,71 @@ def test_recv_tls_times_out_on_half_a_record(tls_files):
     finally:
         link.server.close()
         link.client.close()
+
+
+class CountingPoll:
+    """Stands in for the real poll(): counts the times the reader slept."""
+
+    def __init__(self, real):
+        self.real = real
+        self.sleeps = 0
+
+    def __call__(self):
+        poller = self.real()
+        counter = self
+
+        class Poller:
+            def register(self, fd, events):
+                poller.register(fd, events)
+
+            def poll(self, timeout_ms):
+                counter.sleeps += 1
+                return poller.poll(timeout_ms)
+
+        return Poller()
+
+
+@pytest.mark.parametrize("spin_s, sleeps", [(0.0, 1), (10.0, 0)])
+def test_recv_spins_before_sleeping(monkeypatch, spin_s, sleeps):
+    # The second piece arrives 50 ms after the first: within a 10 s spin
+    # the reader never sleeps; without a spin it sleeps once, in poll().
+    counting = CountingPoll(web._thread_poll)
+    monkeypatch.setattr(web, "_thread_poll", counting)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    with a, b:
+        b.sendall(b"first")
+        later = threading.Timer(0.05, b.sendall, [b"second"])
+        later.start()
+        view = memoryview(bytearray(11))
+        assert web._recv_blocking(a.fileno(), view, 10, None, spin_s) == 11
+        later.join()
+    assert view.tobytes() == b"firstsecond"
+    assert counting.sleeps == sleeps
+
+
+def test_recv_spin_gives_way_to_the_timeout(monkeypatch):
+    # A spin longer than the socket timeout still ends in poll() and its
+    # timeout once the spin is over: the spin delays the sleep, nothing more.
+    counting = CountingPoll(web._thread_poll)
+    monkeypatch.setattr(web, "_thread_poll", counting)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    with a, b:
+        with pytest.raises(socket.timeout):
+            web._recv_blocking(a.fileno(), memoryview(bytearray(10)), 0.05, None, 0.1)
+    assert counting.sleeps == 1
+
+
+def body_reader_on(sock):
+    conn = web.Connection(sock)
+    environ = {"wsgi.input": io.BytesIO(), web.CONNECTION_KEY: conn}
+    return web.BodyReader(environ)
+
+
+def test_body_reader_spins_only_for_local_clients():
+    unix_a, unix_b = socket.socketpair(socket.AF_UNIX)
+    tcp = socket.socket(socket.AF_INET)
+    with unix_a, unix_b, tcp:
+        assert body_reader_on(unix_a)._spin_s == web.BodyReader.UNIX_SPIN_S
+        assert body_reader_on(tcp)._spin_s == 0.0
