@@ -55,6 +55,14 @@ class Result:
     transport: str
     checksum: Optional[dict] = None
 
+    @classmethod
+    def of(cls, operation, size, workers, started, transport):
+        """What `workers` (transfer workers) did since `started`."""
+        return cls(operation, size,
+                   sum(w.data_bytes for w in workers),
+                   sum(w.zero_bytes for w in workers),
+                   time.monotonic() - started, len(workers), transport)
+
     @property
     def rate(self):
         """Bytes of the image per second."""
@@ -209,10 +217,7 @@ def upload(path, url, *, connections=None, verify=False, detect_zeroes=False,
                 workers[0].image.flush()
         finally:
             progress.end()
-        result = Result("upload", size,
-                        sum(w.data_bytes for w in workers),
-                        sum(w.zero_bytes for w in workers),
-                        time.monotonic() - started, count, target.transport)
+        result = Result.of("upload", size, workers, started, target.transport)
         if verify:
             result.checksum = _verify(target, path, image_size, progress)
         return result
@@ -278,10 +283,7 @@ def download(url, path, *, connections=None, verify=False, detect_zeroes=False,
             progress.end()
         os.close(fd)
         fd = None
-        result = Result("download", size,
-                        sum(w.data_bytes for w in workers),
-                        sum(w.zero_bytes for w in workers),
-                        time.monotonic() - started, count, target.transport)
+        result = Result.of("download", size, workers, started, target.transport)
         if verify:
             result.checksum = _verify(target, path, size, progress)
         return result
