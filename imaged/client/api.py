@@ -23,6 +23,7 @@ import time
 from typing import Optional
 
 from .. import blkhash
+from .. import util
 from . import errors
 from . import http
 from . import local
@@ -155,6 +156,19 @@ def _connections(requested, options, kind, work_bytes, chunk_size):
     return max(1, min(wanted, -(-work_bytes // chunk_size)))
 
 
+def _upload_request_size(size, connections, buffer_size, detect_zeroes):
+    """
+    Bytes per upload request: up to transfer.UPLOAD_REQUEST_BYTES, sent a
+    buffer at a time, but no more than an even share of the image for each
+    connection; a single buffer when each must be looked at for zeroes
+    before it is sent.
+    """
+    if detect_zeroes:
+        return buffer_size
+    share = util.round_up(-(-size // connections), buffer_size)
+    return max(buffer_size, min(transfer.UPLOAD_REQUEST_BYTES, share))
+
+
 def _check_buffer_size(buffer_size):
     if not MIN_BUFFER_SIZE <= buffer_size <= MAX_BUFFER_SIZE:
         raise errors.ClientError(
@@ -205,6 +219,7 @@ def upload(path, url, *, connections=None, verify=False, detect_zeroes=False,
         if not opts.has("zero"):
             log.info("the server cannot zero: sending holes as zeroes")
         count = _connections(connections, opts, "writer", size, buffer_size)
+        request_size = _upload_request_size(size, count, buffer_size, detect_zeroes)
         workers = [transfer.UploadWorker(
             target.image if i == 0 else target.new_image(), fd, buffer_size,
             progress, opts, detect_zeroes) for i in range(count)]
@@ -212,7 +227,7 @@ def upload(path, url, *, connections=None, verify=False, detect_zeroes=False,
         started = time.monotonic()
         progress.start("upload", size)
         try:
-            transfer.run(transfer.plan(local.extents(fd, size), buffer_size), workers)
+            transfer.run(transfer.plan(local.extents(fd, size), request_size), workers)
             if opts.has("flush"):
                 workers[0].image.flush()
         finally:

@@ -105,7 +105,8 @@ def build_parser():
     t.add_argument("--detect-zeroes", action="store_true",
                    help="also treat all-zero chunks inside data extents as holes")
     t.add_argument("--buffer-size", type=_size, default=api.DEFAULT_BUFFER_SIZE,
-                   metavar="SIZE", help="bytes per request and per connection buffer "
+                   metavar="SIZE", help="bytes of each connection's buffer: per download "
+                                        "request, per piece of an upload request "
                                         "(default 8M)")
 
     parser = argparse.ArgumentParser(

@@ -103,6 +103,19 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+class Stream:
+    """
+    A request body of `length` bytes, produced piece by piece: `pieces()`
+    returns an iterator of bytes-like objects, each sent before the next is
+    asked for (so one buffer can serve them all). Called again when the
+    request is sent again on a new connection.
+    """
+
+    def __init__(self, length, pieces):
+        self.length = length
+        self.pieces = pieces
+
+
 class Connection:
     """
     A keep-alive connection to the server of an images `url`.
@@ -158,7 +171,7 @@ class Connection:
         Send a request and return its http.client.HTTPResponse.
 
         `target` is the path and query. `body` is a bytes-like object, sent
-        without copying. The caller must read the whole response (see
+        without copying, or a Stream. The caller must read the whole response (see
         read_into, read_all) before the next request. A status not in `ok`
         raises the matching HTTPError after reading the short error body.
         """
@@ -171,6 +184,11 @@ class Connection:
             send_error = None
             try:
                 self._send(method, target, body, headers)
+            except errors.ClientError:
+                # The body's source failed (a local read): the request is
+                # cut short, the connection unusable.
+                self.close()
+                raise
             except (OSError, http.client.HTTPException) as e:
                 if isinstance(e, socket.timeout):
                     # The server stopped reading: no answer will come.
@@ -211,12 +229,22 @@ class Connection:
         conn.putrequest(method, target, skip_accept_encoding=True)
         for name, value in (headers or {}).items():
             conn.putheader(name, value)
-        if body is not None:
+        if isinstance(body, Stream):
+            conn.putheader("Content-Length", str(body.length))
+        elif body is not None:
             conn.putheader("Content-Length", str(memoryview(body).nbytes))
         elif method in ("PUT", "PATCH", "POST"):
             conn.putheader("Content-Length", "0")
         conn.endheaders()
-        if body is not None and len(body):
+        if isinstance(body, Stream):
+            sent = 0
+            for piece in body.pieces():
+                conn.send(piece)
+                sent += memoryview(piece).nbytes
+            if sent != body.length:
+                raise errors.ClientError(
+                    f"request body has {sent} bytes, announced {body.length}")
+        elif body is not None and len(body):
             conn.send(body)
 
     def read_into(self, resp, view):

@@ -12,6 +12,7 @@ import re
 from typing import NamedTuple
 
 from . import errors
+from . import http
 
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(?:\d+-\d+|\*)\s*/\s*(\d+)\s*$")
 
@@ -175,12 +176,22 @@ class ImageClient:
 
     def write(self, offset, view, flush):
         """Write `view` at `offset`; `flush` is sent only if supported."""
+        self._put(offset, len(view), view, flush)
+
+    def write_stream(self, offset, length, pieces, flush):
+        """
+        Write `length` bytes at `offset` in one request, its body the
+        bytes-like pieces that `pieces()` yields (see http.Stream).
+        """
+        self._put(offset, length, http.Stream(length, pieces), flush)
+
+    def _put(self, offset, length, body, flush):
         target = self.path
         if flush is not None:
             target += "?flush=" + ("y" if flush else "n")
-        headers = {"Content-Range": f"bytes {offset}-{offset + len(view) - 1}/*",
+        headers = {"Content-Range": f"bytes {offset}-{offset + length - 1}/*",
                    "Content-Type": "application/octet-stream"}
-        resp = self.conn.request("PUT", target, body=view, headers=headers)
+        resp = self.conn.request("PUT", target, body=body, headers=headers)
         self.conn.discard(resp)
 
     def zero(self, offset, length, flush=False):

@@ -18,6 +18,7 @@ import threading
 from typing import NamedTuple
 
 from .. import util
+from . import errors
 from . import local
 
 # Largest zero request. Zeroing is fast on the server (fallocate) but may
@@ -28,6 +29,13 @@ ZERO_STEP = 1024**3
 # How long the calling thread waits for workers to stop after an
 # interruption before giving up on them (they are daemon threads).
 STOP_TIMEOUT_S = 10.0
+
+# Largest upload request, sent in buffer-size pieces. At the end of every
+# request the server finishes writing and answers before the next one
+# starts, and that wait was a quarter of an upload with 8 MiB requests
+# (one connection over TLS: 0.66-0.74 GB/s with 8 MiB requests, 0.77-1.03
+# with 64 MiB ones).
+UPLOAD_REQUEST_BYTES = 64 * 1024**2
 
 
 class Item(NamedTuple):
@@ -156,6 +164,16 @@ class UploadWorker(_Worker):
         if item.zero:
             self._zero(item.start, item.length)
             return
+        if item.length > self.chunk_size:
+            # Bytes of the item counted as progress so far: pieces are
+            # counted as they are sent, once even if the request is sent
+            # again on a new connection.
+            counted = [0]
+            self.image.write_stream(item.start, item.length,
+                                    lambda: self._pieces(item, counted), self.flush)
+            self.data_bytes += item.length
+            self.progress.update(item.length - counted[0])
+            return
         view = self._view(item.length)
         local.pread_exactly(self.fd, view, item.start)
         if self.detect_zeroes and util.is_zero(view):
@@ -164,6 +182,23 @@ class UploadWorker(_Worker):
         self.image.write(item.start, view, self.flush)
         self.data_bytes += item.length
         self.progress.update(item.length)
+
+    def _pieces(self, item, counted):
+        """The bytes of `item` from the file, a buffer at a time."""
+        pos, end = item.start, item.start + item.length
+        while pos < end:
+            view = self._view(min(self.chunk_size, end - pos))
+            try:
+                local.pread_exactly(self.fd, view, pos)
+            except OSError as e:
+                raise errors.ClientError(
+                    f"reading the local file at {pos} failed: {e.strerror}") from None
+            yield view
+            # Resumed: the piece was sent.
+            pos += len(view)
+            if pos - item.start > counted[0]:
+                self.progress.update(pos - item.start - counted[0])
+                counted[0] = pos - item.start
 
     def _zero(self, start, length):
         if self.can_zero:

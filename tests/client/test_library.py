@@ -423,3 +423,86 @@ def test_unusable_unix_socket_falls_back(server, tmp_path, monkeypatch):
     up = client.upload(src, server.tls_url + sid, cafile=server.cert)
     assert up.transport == "https"
     assert same_content(src, dst)
+
+
+def write_requests(server, name):
+    """(offset, length) of the WRITE requests the server logged for a session."""
+    pattern = re.compile(rf"session {re.escape(name)}: WRITE offset=(\d+) length=(\d+)")
+    return [(int(m[1]), int(m[2])) for m in pattern.finditer(server.log())]
+
+
+@pytest.mark.parametrize("connections, detect_zeroes, requests", [
+    # One connection: the whole 24 MiB in one request, sent a buffer at a time.
+    (1, False, [24 * MiB]),
+    # Each connection gets its share of the image.
+    (4, False, [6 * MiB] * 4),
+    # Zero detection looks at every buffer before it is sent.
+    (1, True, [MiB] * 24),
+])
+def test_upload_request_sizes(server, tmp_path, connections, detect_zeroes, requests):
+    src = str(tmp_path / "src.raw")
+    fill_random(src, 24 * MiB, seed=7)
+    dst = str(tmp_path / "dst.raw")
+    with open(dst, "wb") as f:
+        f.truncate(24 * MiB)
+    name = f"t-{uuid.uuid4()}"
+    sid = server.add_session(dst, transfer_id=name)
+    progress = RecordingProgress()
+    up = client.upload(src, server.tls_url + sid, cafile=server.cert,
+                       connections=connections, buffer_size=MiB,
+                       detect_zeroes=detect_zeroes, progress=progress)
+    assert up.data_bytes == 24 * MiB
+    assert same_content(src, dst)
+    assert sorted(length for _, length in write_requests(server, name)) == requests
+    assert progress.done == 24 * MiB
+    # Progress moves while a request is sent, a buffer at a time.
+    assert len(progress.updates) >= 24
+
+
+class RecordingProgress(client.Progress):
+    def __init__(self):
+        self.updates = []
+
+    def update(self, n):
+        self.updates.append(n)
+
+    @property
+    def done(self):
+        return sum(self.updates)
+
+
+def test_streamed_body_failures_close_the_connection(server, tmp_path):
+    # A body source that fails, or ends before the announced length, cuts
+    # the request short: a ClientError, and the next request goes out on a
+    # new connection. What was written before the failure is not reported
+    # as done.
+    from imaged.client import errors
+    from imaged.client import http
+    from imaged.client import images
+    dst = str(tmp_path / "dst.raw")
+    with open(dst, "wb") as f:
+        f.truncate(4 * MiB)
+    sid = server.add_session(dst)
+    image = images.ImageClient(http.Connection(server.tls_url + sid, cafile=server.cert))
+    piece = memoryview(os.urandom(MiB))
+
+    def failing():
+        yield piece
+        raise errors.ClientError("local file went away")
+
+    def short():
+        yield piece
+
+    try:
+        with pytest.raises(errors.ClientError, match="local file went away"):
+            image.write_stream(0, 2 * MiB, failing, flush=False)
+        assert image.conn._conn.sock is None
+        with pytest.raises(errors.ClientError, match="1048576 bytes, announced 2097152"):
+            image.write_stream(0, 2 * MiB, short, flush=False)
+        assert image.conn._conn.sock is None
+        # The connection is usable again, and a whole stream is written.
+        image.write_stream(0, 2 * MiB, lambda: iter([piece, piece]), flush=True)
+    finally:
+        image.close()
+    with open(dst, "rb") as f:
+        assert f.read(2 * MiB) == bytes(piece) * 2

@@ -245,3 +245,52 @@ def test_main_returns_codes(capsys):
     assert cli.main(["upload"]) == 2
     assert cli.main(["info", "ftp://x/images/y"]) == 1
     assert "unsupported URL scheme" in capsys.readouterr().err
+
+
+class ResendingImage:
+    """Takes a streamed write twice, like a request sent again on a new
+    connection after its first connection turned out closed."""
+
+    def __init__(self):
+        self.received = []
+
+    def write_stream(self, offset, length, pieces, flush):
+        first = pieces()
+        next(first)                     # the connection broke after one piece
+        first.close()
+        self.received = [bytes(p) for p in pieces()]
+
+
+def test_upload_progress_counted_once_when_a_request_is_resent(tmp_path):
+    path = tmp_path / "src.raw"
+    data = os.urandom(5 * 4096)
+    path.write_bytes(data)
+    updates = []
+
+    class Recording(progress.Progress):
+        def update(self, n):
+            updates.append(n)
+
+    image = ResendingImage()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        worker = transfer.UploadWorker(image, fd, 2 * 4096, Recording(), BASIC_OPTIONS)
+        worker.handle(transfer.Item(0, len(data), False))
+    finally:
+        os.close(fd)
+    assert b"".join(image.received) == data
+    assert [len(p) for p in image.received] == [8192, 8192, 4096]
+    assert sum(updates) == len(data)
+    assert worker.data_bytes == len(data)
+
+
+def test_upload_request_size():
+    # Up to UPLOAD_REQUEST_BYTES, a multiple of the buffer size, an even
+    # share for each connection, one buffer when looking for zeroes.
+    big = transfer.UPLOAD_REQUEST_BYTES
+    assert api._upload_request_size(10 * big, 1, MiB, False) == big
+    assert api._upload_request_size(24 * MiB, 4, MiB, False) == 6 * MiB
+    assert api._upload_request_size(23 * MiB + 1, 4, MiB, False) == 6 * MiB
+    assert api._upload_request_size(MiB // 2, 1, MiB, False) == MiB
+    assert api._upload_request_size(10 * big, 1, 2 * big, False) == 2 * big
+    assert api._upload_request_size(10 * big, 1, MiB, True) == MiB
