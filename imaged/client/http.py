@@ -171,9 +171,10 @@ class Connection:
         Send a request and return its http.client.HTTPResponse.
 
         `target` is the path and query. `body` is a bytes-like object, sent
-        without copying, or a Stream. The caller must read the whole response (see
-        read_into, read_all) before the next request. A status not in `ok`
-        raises the matching HTTPError after reading the short error body.
+        without copying, or a Stream. The caller must read the whole
+        response (see read_into, read_all) before the next request. A status
+        not in `ok` raises the matching HTTPError after reading the short
+        error body.
         """
         self._set_timeout(self.timeout if timeout is DEFAULT else timeout)
         self._method = method
