@@ -167,12 +167,12 @@ class UploadWorker(_Worker):
         if item.length > self.chunk_size:
             # Bytes of the item counted as progress so far: pieces are
             # counted as they are sent, once even if the request is sent
-            # again on a new connection.
+            # again on a new connection. A request succeeds only after all
+            # its pieces were sent, so all of them are counted by then.
             counted = [0]
             self.image.write_stream(item.start, item.length,
                                     lambda: self._pieces(item, counted), self.flush)
             self.data_bytes += item.length
-            self.progress.update(item.length - counted[0])
             return
         view = self._view(item.length)
         local.pread_exactly(self.fd, view, item.start)
