@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+from imaged.client.progress import Progress
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 KiB = 1024
@@ -162,6 +164,20 @@ def assert_one_line_error(stderr):
 
 
 # A slow TCP proxy.
+
+class RecordingProgress(Progress):
+    """Records the byte counts a transfer reports (from any thread)."""
+
+    def __init__(self):
+        self.updates = []
+
+    def update(self, count):
+        self.updates.append(count)
+
+    @property
+    def done(self):
+        return sum(self.updates)
+
 
 class SlowProxy:
     """

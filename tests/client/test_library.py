@@ -14,8 +14,9 @@ import yaml
 
 from imaged import blkhash
 from imaged import client
-from tests.client.common import (MiB, allocated, assert_sparse, corrupt, data_bytes,
-                                 fill_random, make_sparse_image, same_content)
+from tests.client.common import (MiB, RecordingProgress, allocated, assert_sparse,
+                                 corrupt, data_bytes, fill_random, make_sparse_image,
+                                 same_content)
 
 SIZE = 32 * MiB
 
@@ -457,18 +458,6 @@ def test_upload_request_sizes(server, tmp_path, connections, detect_zeroes, requ
     assert progress.done == 24 * MiB
     # Progress moves while a request is sent, a buffer at a time.
     assert len(progress.updates) >= 24
-
-
-class RecordingProgress(client.Progress):
-    def __init__(self):
-        self.updates = []
-
-    def update(self, n):
-        self.updates.append(n)
-
-    @property
-    def done(self):
-        return sum(self.updates)
 
 
 def test_streamed_body_failures_close_the_connection(server, tmp_path):

@@ -21,7 +21,7 @@ from imaged.client import local
 from imaged.client import progress
 from imaged.client import transfer
 from imaged.client.images import BASIC_OPTIONS, Extent, Options
-from tests.client.common import ROOT, MiB, make_sparse_image
+from tests.client.common import ROOT, MiB, RecordingProgress, make_sparse_image
 
 
 def test_import_does_not_start_or_import_the_daemon():
@@ -265,22 +265,18 @@ def test_upload_progress_counted_once_when_a_request_is_resent(tmp_path):
     path = tmp_path / "src.raw"
     data = os.urandom(5 * 4096)
     path.write_bytes(data)
-    updates = []
-
-    class Recording(progress.Progress):
-        def update(self, n):
-            updates.append(n)
+    recording = RecordingProgress()
 
     image = ResendingImage()
     fd = os.open(path, os.O_RDONLY)
     try:
-        worker = transfer.UploadWorker(image, fd, 2 * 4096, Recording(), BASIC_OPTIONS)
+        worker = transfer.UploadWorker(image, fd, 2 * 4096, recording, BASIC_OPTIONS)
         worker.handle(transfer.Item(0, len(data), False))
     finally:
         os.close(fd)
     assert b"".join(image.received) == data
     assert [len(p) for p in image.received] == [8192, 8192, 4096]
-    assert sum(updates) == len(data)
+    assert recording.done == len(data)
     assert worker.data_bytes == len(data)
 
 
