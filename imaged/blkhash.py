@@ -109,6 +109,25 @@ def validate(algorithm, block_size):
             f"Invalid block_size {block_size}, expecting a multiple of 4096")
 
 
+def block_digest(block, algorithm=ALGORITHM):
+    """The raw digest of one data block, as Hash.update() feeds it."""
+    inner = _new(algorithm)
+    inner.update(block)
+    return _digest(inner)
+
+
+def zero_block_digest(length, algorithm=ALGORITHM):
+    """The raw digest of an all-zero block of `length` bytes (cached)."""
+    return _zero_digest(algorithm, length)
+
+
+def validate_window(start, block_size):
+    """Raise errors.BadRequest unless `start` is on a block boundary."""
+    if start % block_size:
+        raise errors.BadRequest(
+            f"Invalid start {start}, expecting a multiple of block_size {block_size}")
+
+
 class Hash:
     """
     Incremental block hash.
@@ -125,13 +144,15 @@ class Hash:
 
     def update(self, block):
         """Add a data block (any bytes-like object)."""
-        inner = _new(self.algorithm)
-        inner.update(block)
-        self._outer.update(_digest(inner))
+        self._outer.update(block_digest(block, self.algorithm))
 
     def zero(self, length):
         """Add an all-zero block of `length` bytes without hashing it."""
         self._outer.update(_zero_digest(self.algorithm, length))
+
+    def add_digest(self, digest):
+        """Add a block by its raw digest (see block_digest())."""
+        self._outer.update(digest)
 
     def hexdigest(self):
         """Return the checksum of the blocks added so far."""

@@ -20,6 +20,11 @@ MiB = 1024**2
 
 DEFAULT_FILE = "/etc/imaged/imaged.yaml"
 
+# Most image bytes one GET .../checksum/blocks answer covers: a client asking
+# for more gets fewer blocks and asks again, so one request stays within a
+# client's timeout (1 GiB of data hashes in about a second here).
+CHECKSUM_BLOCKS_WINDOW_BYTES = 1024**3
+
 # Apps a listener can mount.
 APPS = ("images", "sessions", "progress")
 LISTENER_KINDS = ("tls", "tcp", "unix")

@@ -13,6 +13,7 @@ import os
 
 from . import blkhash
 from . import buffers
+from . import config
 from . import errors
 from . import ops
 from . import sessions
@@ -201,11 +202,37 @@ class Images:
         blkhash.validate(algorithm, block_size)
         log.debug("session %s: CHECKSUM algorithm=%s block_size=%d",
                   session.name, algorithm, block_size)
-        with self.operation(session, "checksum", 0, session.size, conn) as (b, r, op):
+        with self._hashing(session, conn, 0, session.size, block_size) as (b, r, op, buf):
+            return ops.checksum(b, r, op, session.size, algorithm, block_size, buf)
+
+    def checksum_blocks(self, session, conn, algorithm, block_size, start, length=None):
+        """
+        The block digests of [start, start + length) (default: to the end),
+        at most config.CHECKSUM_BLOCKS_WINDOW_BYTES of the image per answer.
+        """
+        blkhash.validate(algorithm, block_size)
+        blkhash.validate_window(start, block_size)
+        if start > session.size:
+            raise errors.BadRequest(
+                f"Invalid start {start}, beyond the image size {session.size}")
+        if length is None:
+            length = session.size - start
+        window = max(block_size, config.CHECKSUM_BLOCKS_WINDOW_BYTES // block_size * block_size)
+        length = min(length, session.size - start, window)
+        log.debug("session %s: CHECKSUM BLOCKS algorithm=%s block_size=%d start=%d "
+                  "length=%d", session.name, algorithm, block_size, start, length)
+        with self._hashing(session, conn, start, length, block_size) as (b, r, op, buf):
+            return ops.checksum_blocks(b, r, op, session.size, algorithm, block_size,
+                                       buf, start, length)
+
+    @contextlib.contextmanager
+    def _hashing(self, session, conn, start, length, block_size):
+        """A checksum operation: yields (backend, runner, op, buffer of a block)."""
+        with self.operation(session, "checksum", start, length, conn) as (b, r, op):
             bufs = conn.buffers(self.buffer_pool, self.buffer_size)
             if block_size <= len(bufs[0]):
-                return ops.checksum(b, r, op, session.size, algorithm,
-                                    block_size, bufs[0])
+                yield b, r, op, bufs[0]
+                return
             # Blocks larger than the transfer buffers get a buffer of their
             # own, for this request only.
             for view in bufs:
@@ -213,8 +240,7 @@ class Images:
             conn.release_buffers()
             with util.aligned_buffer(block_size) as mem:
                 with memoryview(mem) as buf:
-                    return ops.checksum(b, r, op, session.size, algorithm,
-                                        block_size, buf)
+                    yield b, r, op, buf
 
 
 class _Stream:

@@ -229,20 +229,32 @@ def _append(result, ext):
         result.append(ext)
 
 
-def checksum(backend, runner, op, size, algorithm, block_size, buf):
-    """
-    The block checksum of [0, size) (see imaged.blkhash).
-
-    Zero extents are hashed with a precomputed digest and never read; data
-    blocks that turn out to be all zeroes are hashed the same way.
-    """
-    h = blkhash.Hash(block_size, algorithm)
-    exts = runner.run(lambda: list(backend.extents(0, size)))
+def _block_extents(backend, runner, size, start, end):
+    """Extents of [start, end) (end <= size), covering all of it."""
+    exts = runner.run(lambda: list(backend.extents(start, end - start)))
+    exts = [e for e in exts if e.start < end]
     # Past the end of the file the image has no data to read: see extents().
-    covered = exts[-1].start + exts[-1].length if exts else 0
-    if covered < size:
+    covered = min(exts[-1].start + exts[-1].length, end) if exts else start
+    if covered < end:
         from .backends import Extent
-        exts.append(Extent(covered, size - covered, True, False))
+        exts.append(Extent(covered, end - covered, True, False))
+    return exts
+
+
+def block_digests(backend, runner, op, size, algorithm, block_size, buf,
+                  start=0, length=None):
+    """
+    Yield the raw digest of each block of [start, start + length) of the
+    image of `size` bytes (see imaged.blkhash): the digests the checksum is
+    made of. `start` is a multiple of `block_size`.
+
+    Zero extents get a precomputed digest and are never read; data blocks
+    that turn out to be all zeroes get the same digest.
+    """
+    end = size if length is None else min(start + length, size)
+    if start >= end:
+        return
+    exts = _block_extents(backend, runner, size, start, end)
 
     def hash_block(start, length):
         view = buf[:length]
@@ -251,16 +263,34 @@ def checksum(backend, runner, op, size, algorithm, block_size, buf):
             raise errors.StorageError(
                 f"image ends at {start + count}, before the session size")
         if util.is_zero(view):
-            h.zero(length)
-        else:
-            h.update(view)
+            return blkhash.zero_block_digest(length, algorithm)
+        return blkhash.block_digest(view, algorithm)
 
-    for start, length, is_zero in blkhash.split(exts, block_size):
+    for block_start, block_length, is_zero in blkhash.split(exts, block_size):
         op.check()
         if is_zero:
-            h.zero(length)
+            yield blkhash.zero_block_digest(block_length, algorithm)
         else:
-            runner.run(hash_block, start, length)
-        op.progress(length)
+            yield runner.run(hash_block, block_start, block_length)
+        op.progress(block_length)
+
+
+def checksum(backend, runner, op, size, algorithm, block_size, buf):
+    """The block checksum of [0, size) (see imaged.blkhash)."""
+    h = blkhash.Hash(block_size, algorithm)
+    for digest in block_digests(backend, runner, op, size, algorithm, block_size, buf):
+        h.add_digest(digest)
     return {"algorithm": algorithm, "block_size": block_size,
             "checksum": h.hexdigest()}
+
+
+def checksum_blocks(backend, runner, op, size, algorithm, block_size, buf,
+                    start, length):
+    """
+    The hex digests of the blocks of [start, start + length), clipped to
+    the image: {"algorithm", "block_size", "start", "blocks"}.
+    """
+    blocks = [d.hex() for d in block_digests(
+        backend, runner, op, size, algorithm, block_size, buf, start, length)]
+    return {"algorithm": algorithm, "block_size": block_size,
+            "start": start, "blocks": blocks}

@@ -170,6 +170,17 @@ def make_app(registry, cfg, unix_socket=None):
             service.checksum(session, conn(), algorithm, block_size))
 
     @web.handles_errors
+    def checksum_blocks(session_id):
+        query = bottle.request.query
+        algorithm = query.get("algorithm", blkhash.ALGORITHM)
+        block_size = _query_int(query, "block_size", blkhash.BLOCK_SIZE)
+        start = _query_int(query, "start", 0)
+        length = _query_int(query, "length", None)
+        session = service.session(session_id, "read", conn())
+        return web.json_response(service.checksum_blocks(
+            session, conn(), algorithm, block_size, start, length))
+
+    @web.handles_errors
     def algorithms(session_id):
         return web.json_response({"algorithms": blkhash.algorithms()})
 
@@ -180,6 +191,7 @@ def make_app(registry, cfg, unix_socket=None):
     app.route("/images/<session_id>/extents", "GET", extents)
     app.route("/images/<session_id>/checksum", "GET", checksum)
     app.route("/images/<session_id>/checksum/algorithms", "GET", algorithms)
+    app.route("/images/<session_id>/checksum/blocks", "GET", checksum_blocks)
     return app
 
 

@@ -121,7 +121,11 @@ def checksum(path, size=None, algorithm=blkhash.ALGORITHM,
                     h.zero(block.length)
                 else:
                     view = mv[:block.length]
-                    pread_exactly(fd, view, block.start)
+                    # A block may cross the end of a file smaller than the
+                    # image: the rest of it is zeroes.
+                    inside = max(0, min(block.length, fsize - block.start))
+                    pread_exactly(fd, view[:inside], block.start)
+                    view[inside:] = bytes(block.length - inside)
                     # Comparing is much cheaper than hashing, and the zero
                     # digest is precomputed: same result, less CPU.
                     if util.is_zero(view):

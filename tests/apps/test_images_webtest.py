@@ -748,3 +748,102 @@ def test_close_query_closes_the_connection(app, registry, image):
     assert r.headers["Connection"] == "close"
     r = app.get(f"/images/{sid}", headers={"Range": "bytes=0-9"}, status=206)
     assert "Connection" not in r.headers
+
+
+# Checksum blocks (SPEC §11): the block digests a checksum is made of.
+
+def _block_hex(block, algorithm="blake2b"):
+    import hashlib
+    if algorithm.startswith("blake2"):
+        return hashlib.new(algorithm, bytes(block), digest_size=32).hexdigest()
+    return hashlib.new(algorithm, bytes(block)).hexdigest()
+
+
+@pytest.fixture
+def blocks_image(tmp_path):
+    # 5 blocks of 1 MiB and a partial one: data in blocks 1 and 3 (3 also
+    # crossing into 4), the rest holes.
+    path = str(tmp_path / "blocks.raw")
+    size = 5 * MiB + 3000
+    content = make_sparse(path, size, [(MiB + 10, DATA), (4 * MiB - 100, DATA)])
+    return path, content
+
+
+def test_checksum_blocks_whole_image(app, registry, blocks_image):
+    path, content = blocks_image
+    sid = add(registry, path)
+    res = app.get(f"/images/{sid}/checksum/blocks?block_size={MiB}")
+    assert res.status_int == 200
+    expected = [_block_hex(content[i:i + MiB]) for i in range(0, len(content), MiB)]
+    assert res.json == {"algorithm": "blake2b", "block_size": MiB, "start": 0,
+                        "blocks": expected}
+    assert len(expected) == 6
+    # The same digests the checksum is made of.
+    import hashlib
+    outer = hashlib.blake2b(b"".join(bytes.fromhex(d) for d in expected), digest_size=32)
+    assert outer.hexdigest() == \
+        app.get(f"/images/{sid}/checksum?block_size={MiB}").json["checksum"]
+
+
+@pytest.mark.parametrize("algorithm", ["blake2b", "sha256"])
+def test_checksum_blocks_window(app, registry, blocks_image, algorithm):
+    path, content = blocks_image
+    sid = add(registry, path)
+    res = app.get(f"/images/{sid}/checksum/blocks?algorithm={algorithm}"
+                  f"&block_size={MiB}&start={3 * MiB}&length={2 * MiB}")
+    assert res.json == {
+        "algorithm": algorithm, "block_size": MiB, "start": 3 * MiB,
+        "blocks": [_block_hex(content[i:i + MiB], algorithm)
+                   for i in (3 * MiB, 4 * MiB)]}
+    # A window past the end is clipped to the image; the last block is short.
+    res = app.get(f"/images/{sid}/checksum/blocks?block_size={MiB}"
+                  f"&start={5 * MiB}&length={8 * MiB}")
+    assert res.json["blocks"] == [_block_hex(content[5 * MiB:])]
+    # An empty window: no blocks.
+    res = app.get(f"/images/{sid}/checksum/blocks?block_size={MiB}&start={MiB}&length=0")
+    assert res.json["blocks"] == []
+
+
+def test_checksum_blocks_zero_blocks_not_read(app, registry, tmp_path):
+    # The session is larger than the file: the part past the end has no
+    # bytes to read (reading it fails), so its zero digests prove that zero
+    # blocks are never read.
+    path = str(tmp_path / "short.raw")
+    content = make_sparse(path, 2 * MiB, [(10, DATA)])
+    sid = add(registry, path, size=4 * MiB)
+    res = app.get(f"/images/{sid}/checksum/blocks?block_size={MiB}")
+    zero = _block_hex(bytes(MiB))
+    assert res.json["blocks"] == [_block_hex(content[:MiB]), zero, zero, zero]
+
+
+def test_checksum_blocks_fewer_than_asked(app, registry, blocks_image, monkeypatch):
+    path, content = blocks_image
+    sid = add(registry, path)
+    monkeypatch.setattr(config, "CHECKSUM_BLOCKS_WINDOW_BYTES", 2 * MiB)
+    res = app.get(f"/images/{sid}/checksum/blocks?block_size={MiB}&start={MiB}")
+    assert res.json["start"] == MiB
+    assert res.json["blocks"] == [_block_hex(content[i:i + MiB]) for i in (MiB, 2 * MiB)]
+
+
+def test_checksum_blocks_read_only_session(app, registry, blocks_image):
+    sid = add(registry, blocks_image[0], ops=["read"])
+    assert app.get(f"/images/{sid}/checksum/blocks").status_int == 200
+
+
+@pytest.mark.parametrize("query", [
+    f"block_size={MiB}&start=4096",          # Not on a block boundary.
+    f"block_size={MiB}&start={7 * MiB}",     # Past the end of the image.
+    "start=-1",
+    "start=x",
+    "length=-5",
+    "block_size=4095",
+    f"block_size={32 * MiB}",
+    "algorithm=md55",
+])
+def test_checksum_blocks_invalid(app, registry, blocks_image, query):
+    sid = add(registry, blocks_image[0])
+    assert_error(app.get(f"/images/{sid}/checksum/blocks?{query}", status="*"), 400)
+
+
+def test_checksum_blocks_unknown_session(app):
+    assert_error(app.get("/images/no-such-session/checksum/blocks", status="*"), 403)

@@ -365,3 +365,25 @@ def test_connection_lost(server, slow_proxy, tmp_path):
     assert code == 5, err
     assert "connect" in assert_one_line_error(err)
     assert os.path.exists(tmp_path / "local.raw")
+
+
+def test_upload_small_file_verify_zero_padded(server, tmp_path):
+    # A file that ends inside a checksum block, with data up to its end: its
+    # checksum is taken as zero-padded to the image size (it used to fail
+    # with "local file ended ... was it truncated").
+    src = str(tmp_path / "small.raw")
+    make_sparse_image(src, 5 * MiB + 1234, regions=2, seed=3)
+    with open(src, "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(os.urandom(1234))
+    dst = new_image(tmp_path, size=16 * MiB)
+    sid = server.add_session(dst)
+    r = run_cli("upload", src, server.tls_url + sid, "--cafile", server.cert, "--verify")
+    assert r.returncode == 0, r.stderr
+    assert "matches" in r.stdout
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        data = a.read()
+        assert b.read(len(data)) == data
+        assert b.read() == bytes(16 * MiB - len(data))
+    r = run_cli("checksum", server.tls_url + sid, "--cafile", server.cert, "--compare", src)
+    assert r.returncode == 0, r.stderr
