@@ -109,7 +109,7 @@ import tempfile
 import time
 import uuid
 
-from imaged import util
+from imaged import testing, util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -416,54 +416,25 @@ class Imaged(Server):
 
     def start(self):
         e = self.env
-        self.port = free_port()
-        self.control = os.path.join(e.sock_dir, "imaged-control.sock")
-        self.unix_socket = os.path.join(e.sock_dir, "imaged.sock")
-        cfg = {
-            "tls": {"cert_file": e.cert, "key_file": e.key},
-            "listeners": [
-                {"name": "remote", "kind": "tls", "host": "127.0.0.1",
-                 "port": self.port, "apps": ["images"]},
-                {"name": "local", "kind": "unix", "path": self.unix_socket,
-                 "apps": ["images"]},
-                {"name": "control", "kind": "unix", "path": self.control,
-                 "apps": ["sessions", "progress"]},
-            ],
-            "logging": {"level": "INFO", "file": os.path.join(e.out, "imaged.log")},
-        }
-        for section, values in json.loads(e.args.imaged_config or "{}").items():
-            cfg.setdefault(section, {}).update(values)
-        config_file = os.path.join(e.out, "imaged.yaml")
-        with open(config_file, "w") as f:
-            json.dump(cfg, f, indent=2)   # JSON is YAML
-        notify_path = os.path.join(e.sock_dir, "notify.sock")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(notify_path)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
-        notify.settimeout(30)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
-        self.proc = e.procs.start(
-            "imaged", [self.python, "-m", "imaged", "--config", config_file],
-            cwd=ROOT, env=env, stdout=e.logfile("imaged.out"), stderr=subprocess.STDOUT)
-        self.pid = self.proc.pid
+        # imaged.testing's daemon minus its plain TCP listener; its sockets
+        # in the run's short socket directory, its process tracked by Procs.
+        overrides = testing.merge({"listeners": {"plain": None},
+                                   "logging": {"level": "INFO"}},
+                                  json.loads(e.args.imaged_config or "{}"))
+        self.daemon = testing.Daemon(
+            e.out, e.cert, e.key, overrides=overrides, python=self.python,
+            sock_dir=e.sock_dir, output_file=os.path.join(e.out, "imaged.out"),
+            spawn=lambda argv, **kw: e.procs.start("imaged", argv, **kw))
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                if self.proc.poll() is not None:
-                    raise BenchError(f"imaged exited with {self.proc.returncode}; "
-                                     f"see {e.out}/imaged.out")
-                notify.settimeout(max(0.01, min(0.5, deadline - time.monotonic())))
-                try:
-                    if b"READY=1" in notify.recv(4096):
-                        break
-                except socket.timeout:
-                    if time.monotonic() > deadline:
-                        raise BenchError("imaged did not send READY=1 within 30 s")
-        finally:
-            notify.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(notify_path)
+            self.daemon.start(timeout=30)
+        except testing.DaemonError as err:
+            raise BenchError(f"{str(err).splitlines()[0]}; see {e.out}/imaged.out "
+                             f"and {e.out}/imaged.log") from None
+        self.proc = self.daemon.proc
+        self.pid = self.proc.pid
+        self.port = self.daemon.tls_port
+        self.control = self.daemon.control_path
+        self.unix_socket = self.daemon.local_path
         self.https_url = f"https://127.0.0.1:{self.port}/images/"
         return self
 

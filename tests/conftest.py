@@ -7,24 +7,23 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 import uuid
 
 import pytest
 import requests
-import yaml
 
+from imaged import testing
+from imaged.testing import free_port  # noqa: F401 (tests import it from here)
 from tests.unixhttp import UnixAdapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Seconds to wait for the daemon to start or stop.
-START_TIMEOUT_S = 20
-STOP_TIMEOUT_S = 20
+# What the tests' daemons add to imaged.testing's base config: a fast
+# reaper (expiry tests poll for it) and everything logged.
+TEST_CONFIG = {
+    "sessions": {"reaper_interval_s": 0.1},
+    "logging": {"level": "DEBUG"},
+}
 
 
 def needs_tool(name):
@@ -44,111 +43,25 @@ def tls_files(tmp_path_factory):
     return cert, key
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Daemon:
-    """A running imaged subprocess and ways to talk to it."""
+class Daemon(testing.Daemon):
+    """
+    A running imaged subprocess (imaged.testing.Daemon) and ways to talk
+    to it. `overrides` merge over the test config: mappings key by key,
+    and `{"listeners": {"local": {...}, "plain": None}}` changes or drops
+    one listener by name.
+    """
 
     def __init__(self, tmp_path, tls_files, overrides=None):
-        self.dir = tmp_path
-        self.cert, self.key = tls_files
-        # Unix socket paths are limited to 107 bytes: keep them short.
-        self.sock_dir = tempfile.mkdtemp(prefix="imaged-", dir="/tmp")
-        self.control_path = os.path.join(self.sock_dir, "control.sock")
-        self.local_path = os.path.join(self.sock_dir, "images.sock")
-        self.tls_port = free_port()
-        self.tcp_port = free_port()
-        self.log_file = str(tmp_path / "imaged.log")
-        cfg = {
-            "tls": {"cert_file": self.cert, "key_file": self.key},
-            "listeners": [
-                {"name": "remote", "kind": "tls", "host": "127.0.0.1",
-                 "port": self.tls_port, "apps": ["images"]},
-                {"name": "plain", "kind": "tcp", "host": "127.0.0.1",
-                 "port": self.tcp_port, "apps": ["images"]},
-                {"name": "local", "kind": "unix", "path": self.local_path,
-                 "apps": ["images"]},
-                {"name": "control", "kind": "unix", "path": self.control_path,
-                 "apps": ["sessions", "progress"]},
-            ],
-            "sessions": {"reaper_interval_s": 0.1},
-            "logging": {"level": "DEBUG", "file": self.log_file},
-        }
-        for section, values in (overrides or {}).items():
-            if isinstance(values, dict):
-                cfg.setdefault(section, {}).update(values)
-            else:
-                cfg[section] = values
-        self.config_file = str(tmp_path / "imaged.yaml")
-        with open(self.config_file, "w") as f:
-            yaml.safe_dump(cfg, f)
-        self.proc = None
-        self.notifications = []
+        cert, key = tls_files
+        super().__init__(tmp_path, cert, key,
+                         overrides=testing.merge(TEST_CONFIG, overrides))
         self._http = []
-
-    def start(self):
-        notify_path = os.path.join(self.sock_dir, "notify.sock")
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
-        notify.settimeout(START_TIMEOUT_S)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "imaged", "--config", self.config_file],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self._notify = notify
-        try:
-            self.wait_notification("READY=1")
-        except Exception:
-            self.stop()
-            raise AssertionError(f"imaged did not start:\n{self.log()}")
-        return self
-
-    def wait_notification(self, state):
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while state not in self.notifications:
-            self._notify.settimeout(max(deadline - time.monotonic(), 0.01))
-            try:
-                self.notifications.append(self._notify.recv(4096).decode())
-            except socket.timeout:
-                raise AssertionError(f"no {state} from imaged") from None
 
     def stop(self, sig=signal.SIGTERM):
         """Stop the daemon; returns its exit code."""
         for s in self._http:
             s.close()
-        if self.proc is None:
-            return None
-        if self.proc.stdout.closed:
-            return self.proc.returncode
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.output = self.proc.stdout.read().decode(errors="replace")
-        self.proc.stdout.close()
-        self._notify.setblocking(False)
-        while True:
-            try:
-                self.notifications.append(self._notify.recv(4096).decode())
-            except BlockingIOError:
-                break
-        self._notify.close()
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
-        return self.proc.returncode
-
-    def log(self):
-        try:
-            with open(self.log_file) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return super().stop(sig)
 
     # HTTP access.
 

@@ -13,7 +13,6 @@ import time
 
 import pytest
 import requests
-import yaml
 
 from tests.unixhttp import UnixAdapter
 
@@ -97,15 +96,9 @@ def start_daemon(tmp_path, tls_files, overrides=None, drop_listeners=()):
     listeners (by name); the caller stops it.
     """
     from tests.conftest import Daemon
-    d = Daemon(tmp_path, tls_files, overrides)
-    if drop_listeners:
-        with open(d.config_file) as f:
-            cfg = yaml.safe_load(f)
-        cfg["listeners"] = [lst for lst in cfg["listeners"]
-                            if lst["name"] not in drop_listeners]
-        with open(d.config_file, "w") as f:
-            yaml.safe_dump(cfg, f)
-    return d.start()
+    from imaged.testing import merge
+    drop = {"listeners": {name: None for name in drop_listeners}}
+    return Daemon(tmp_path, tls_files, merge(overrides or {}, drop)).start()
 
 
 class Transport:

@@ -16,7 +16,6 @@ import warnings
 
 import pytest
 import requests
-import yaml
 
 from tests.conftest import ROOT
 
@@ -269,14 +268,10 @@ def test_requests_against_many_connections(daemon, image):
 
 
 def test_world_readable_key_is_refused(make_daemon, tmp_path, tls_files):
-    d = make_daemon(start=False)
     key = tmp_path / "open-key.pem"
     key.write_bytes(open(tls_files[1], "rb").read())
     key.chmod(0o644)
-    cfg = yaml.safe_load(open(d.config_file))
-    cfg["tls"]["key_file"] = str(key)
-    with open(d.config_file, "w") as f:
-        yaml.safe_dump(cfg, f)
+    d = make_daemon({"tls": {"key_file": str(key)}}, start=False)
     r = run_imaged("--config", d.config_file)
     assert r.returncode == 1
     assert "unsafe mode 0644" in d.log()

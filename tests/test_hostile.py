@@ -24,7 +24,6 @@ import uuid
 
 import pytest
 import webtest
-import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -939,15 +938,7 @@ def test_control_socket_permissions(make_daemon):
         gid = grp.getgrnam(group).gr_gid
     except KeyError:
         pytest.skip(f"no group {group!r} on this system")
-    d = make_daemon(start=False)
-    with open(d.config_file) as f:
-        cfg = yaml.safe_load(f)
-    for lst in cfg["listeners"]:
-        if lst["name"] == "control":
-            lst["group"] = group
-    with open(d.config_file, "w") as f:
-        yaml.safe_dump(cfg, f)
-    d.start()
+    d = make_daemon({"listeners": {"control": {"group": group}}})
     st_ = os.stat(d.control_path)
     assert stat.S_IMODE(st_.st_mode) == 0o660
     assert st_.st_gid == gid

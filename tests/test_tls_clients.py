@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import requests
-import yaml
 
 from tests.conftest import ROOT, needs_tool
 from tests.hardening_helpers import connect, raw_request, sparse_file, KiB
@@ -195,21 +194,12 @@ def test_large_upload_over_each_tls_version(daemon, tmp_path, version):
 
 # The key file check at start.
 
-def write_config_with_key(d, key_path):
-    with open(d.config_file) as f:
-        cfg = yaml.safe_load(f)
-    cfg["tls"]["key_file"] = str(key_path)
-    with open(d.config_file, "w") as f:
-        yaml.safe_dump(cfg, f)
-
-
 @pytest.mark.parametrize("mode", [0o604, 0o660, 0o666, 0o622])
 def test_unsafe_key_file_is_refused(make_daemon, tmp_path, tls_files, mode):
-    d = make_daemon(start=False)
     key = tmp_path / "key.pem"
     key.write_bytes(open(tls_files[1], "rb").read())
     key.chmod(mode)
-    write_config_with_key(d, key)
+    d = make_daemon({"tls": {"key_file": str(key)}}, start=False)
     r = subprocess.run([sys.executable, "-m", "imaged", "--config", d.config_file],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
@@ -217,12 +207,10 @@ def test_unsafe_key_file_is_refused(make_daemon, tmp_path, tls_files, mode):
 
 
 def test_owner_only_key_file_is_accepted(make_daemon, tmp_path, tls_files):
-    d = make_daemon(start=False)
     key = tmp_path / "key.pem"
     key.write_bytes(open(tls_files[1], "rb").read())
     key.chmod(0o400)
-    write_config_with_key(d, key)
-    d.start()
+    d = make_daemon({"tls": {"key_file": str(key)}})
     with connect(d, "tls") as sock:
         r = raw_request(sock, b"OPTIONS /images/* HTTP/1.1")
     assert r.status == 200

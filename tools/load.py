@@ -35,22 +35,19 @@ import os  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import socket  # noqa: E402
 import ssl  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
-import yaml  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from imaged import lab  # noqa: E402
+from imaged import lab, testing  # noqa: E402
 
 KiB = 1024
 MiB = 1024**2
@@ -175,93 +172,33 @@ class Conn:
 
 # The daemon.
 
-class Daemon:
-    """An imaged subprocess with a temporary config in `workdir`."""
+class Daemon(testing.Daemon):
+    """An imaged subprocess (imaged.testing) with its config in `workdir`."""
 
     def __init__(self, workdir, args):
-        self.dir = workdir
-        self.args = args
-        self.cert = os.path.join(workdir, "cert.pem")
-        self.key = os.path.join(workdir, "key.pem")
-        self.control_path = os.path.join(workdir, "control.sock")
-        self.local_path = os.path.join(workdir, "images.sock")
-        self.log_file = os.path.join(workdir, "imaged.log")
-        self.tls_port = _free_port()
-        self.tcp_port = _free_port()
-        self.proc = None
-        self.notify = None
+        cert = os.path.join(workdir, "cert.pem")
+        key = os.path.join(workdir, "key.pem")
+        lab.ensure_certificate(cert, key)
+        # Connections per session: the main phase's share plus the stall
+        # phase's clients, all allowed to run at once.
+        per_session = -(-args.connections // args.sessions) + 8
+        super().__init__(workdir, cert, key, overrides={
+            "images": {"max_readers": per_session, "max_writers": per_session,
+                       "max_connections_per_session": max(32, per_session)},
+            "logging": {"level": "INFO"},
+        })
         self.exit_status = None
 
     def start(self):
-        lab.ensure_certificate(self.cert, self.key)
-        # Connections per session: the main phase's share plus the stall
-        # phase's clients, all allowed to run at once.
-        per_session = -(-self.args.connections // self.args.sessions) + 8
-        cfg = {
-            "tls": {"cert_file": self.cert, "key_file": self.key},
-            "listeners": [
-                {"name": "remote", "kind": "tls", "host": "127.0.0.1",
-                 "port": self.tls_port, "apps": ["images"]},
-                {"name": "plain", "kind": "tcp", "host": "127.0.0.1",
-                 "port": self.tcp_port, "apps": ["images"]},
-                {"name": "local", "kind": "unix", "path": self.local_path,
-                 "apps": ["images"]},
-                {"name": "control", "kind": "unix", "path": self.control_path,
-                 "apps": ["sessions", "progress"]},
-            ],
-            "images": {"max_readers": per_session, "max_writers": per_session,
-                       "max_connections_per_session": max(32, per_session)},
-            "logging": {"level": "INFO", "file": self.log_file},
-        }
-        config_file = os.path.join(self.dir, "imaged.yaml")
-        with open(config_file, "w") as f:
-            yaml.safe_dump(cfg, f)
-        notify_path = os.path.join(self.dir, "notify.sock")
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
-        notify.settimeout(START_TIMEOUT_S)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "imaged", "--config", config_file],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Kept open until the daemon stopped: it also sends STOPPING=1.
-        self.notify = notify
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            notify.settimeout(max(deadline - time.monotonic(), 0.01))
-            try:
-                if b"READY=1" in notify.recv(4096):
-                    break
-            except socket.timeout:
-                raise RuntimeError(f"imaged did not start:\n{self.log_tail()}") from None
+        try:
+            return super().start(START_TIMEOUT_S)
+        except testing.DaemonError as e:
+            raise RuntimeError(str(e)) from None
 
     def stop(self):
-        if self.proc is None or self.exit_status is not None:
-            return self.exit_status
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            # Wait for the STOPPING=1 it sends (so it is not refused).
-            try:
-                self.notify.settimeout(STOP_TIMEOUT_S)
-                while b"STOPPING=1" not in self.notify.recv(4096):
-                    pass
-            except OSError:
-                pass
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.exit_status = self.proc.returncode
-        self.notify.close()
+        if self.exit_status is None and self.proc is not None:
+            self.exit_status = super().stop(timeout=STOP_TIMEOUT_S)
         return self.exit_status
-
-    def log_tail(self, lines=20):
-        try:
-            with open(self.log_file) as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
 
     def control(self, method, path, body=None):
         conn = Conn({"kind": "unix", "path": self.control_path, "timeout": 60})
@@ -303,12 +240,6 @@ def _cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Statistics.

@@ -10,7 +10,6 @@ import time
 import uuid
 
 import pytest
-import yaml
 
 from imaged import blkhash
 from imaged import client
@@ -380,15 +379,7 @@ def test_delete_session_during_download(server, tmp_path):
 def test_abstract_unix_socket(make_daemon, tmp_path):
     # A unix socket reported as "\0name" is an abstract socket.
     name = f"\0/imaged-test-{uuid.uuid4()}"
-    d = make_daemon(start=False)
-    with open(d.config_file) as f:
-        cfg = yaml.safe_load(f)
-    for lst in cfg["listeners"]:
-        if lst["name"] == "local":
-            lst["path"] = name
-    with open(d.config_file, "w") as f:
-        yaml.safe_dump(cfg, f)
-    d.start()
+    d = make_daemon({"listeners": {"local": {"path": name}}})
 
     src = str(tmp_path / "src.raw")
     make_sparse_image(src, 8 * MiB, regions=3)
