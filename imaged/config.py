@@ -25,6 +25,10 @@ DEFAULT_FILE = "/etc/imaged/imaged.yaml"
 # client's timeout (1 GiB of data hashes in about a second here).
 CHECKSUM_BLOCKS_WINDOW_BYTES = 1024**3
 
+# The longest timeout a socket can honour: poll() takes milliseconds in a C
+# int, and Python refuses larger ones ("timeout is too large").
+MAX_TIMEOUT_S = (2**31 - 1) // 1000
+
 # Apps a listener can mount.
 APPS = ("images", "sessions", "progress")
 LISTENER_KINDS = ("tls", "tcp", "unix")
@@ -77,7 +81,8 @@ DEFAULTS = {
         # Seconds to let running requests finish on shutdown.
         "stop_timeout_s": 5.0,
         # A request line and headers must arrive within this many seconds
-        # of their first byte.
+        # of their first byte, and a TLS handshake within this many seconds
+        # of the connection.
         "header_timeout_s": 30.0,
     },
     "logging": {
@@ -249,7 +254,8 @@ def _check_images(images, base_dir):
     _int("images.max_writers", images["max_writers"], 1, 1024)
     _int("images.max_connections_per_session",
          images["max_connections_per_session"], 1, 100000)
-    _number("images.inactivity_timeout_s", images["inactivity_timeout_s"], 1)
+    _number("images.inactivity_timeout_s", images["inactivity_timeout_s"], 1,
+            MAX_TIMEOUT_S)
     _bool("images.direct_io", images["direct_io"])
     dirs = images["allowed_dirs"]
     if not isinstance(dirs, list):
@@ -273,6 +279,7 @@ def _check_threads(threads):
 def _check_server(server):
     _int("server.max_connections", server["max_connections"], 1, 100000)
     _number("server.stop_timeout_s", server["stop_timeout_s"], 0, 600)
+    # Also the deadline of a whole TLS handshake.
     _number("server.header_timeout_s", server["header_timeout_s"], 0.1, 3600)
 
 

@@ -2,23 +2,30 @@
 The images service: what a client may do with a session's image.
 
 `Images` authorizes each request against its session, enforces the
-session's limits (size, readers, writers), opens the backend and runs the
-operation under the session so that it is counted and can be canceled.
-It knows nothing of HTTP: the thin handlers in imaged.apps.images call it.
+session's limits (size, readers, writers, connections), opens the backend
+and runs the operation under the session so that it is counted and can be
+canceled. It knows nothing of HTTP: the handlers in imaged.apps.images
+parse requests and call it with plain objects:
+
+- a `Client`, the service's state for one client connection (the buffers
+  it borrows during an operation, the backend it keeps open between
+  requests, the sessions it counts in), made with two hooks from whatever
+  carries the connection: `cancel()` tears the connection down, and
+  `set_idle_timeout(s)` applies a session's inactivity timeout;
+- a body reader with `readinto(view)` for writes.
 """
 
 import contextlib
 import logging
 import os
 
-from . import blkhash
+from . import backends
 from . import buffers
 from . import config
 from . import errors
 from . import ops
 from . import sessions
 from . import util
-from .backends import open_backend
 
 log = logging.getLogger("images")
 
@@ -28,6 +35,111 @@ WRITE_FEATURES = ("flush", "zero")
 # Operation kinds limited by max_readers / max_writers.
 READ_KINDS = ("read", "checksum")
 WRITE_KINDS = ("write", "zero", "flush")
+
+
+class Client:
+    """
+    The images service's state for one client connection, shared by its
+    requests. Create it with Images.client() and close() it when the
+    connection ends.
+    """
+
+    def __init__(self, service, cancel, set_idle_timeout):
+        self._service = service
+        # Tears the client's connection down (wakes a blocked transfer).
+        self.cancel = cancel
+        self._set_idle_timeout = set_idle_timeout
+        self._buffers = None
+        self._sessions = set()
+        # (session, mode, backend) of the image this client keeps open.
+        self._open = None
+        # Operations running for this client.
+        self.running = 0
+
+    # Sessions.
+
+    def use_session(self, session):
+        """
+        Count this client as one of `session`'s connections and apply the
+        session's inactivity timeout. Raises ServiceUnavailable if the
+        session has too many connections.
+        """
+        limit = self._service.max_connections
+        if session not in self._sessions:
+            if session.connections >= limit:
+                raise errors.ServiceUnavailable(
+                    f"too many connections for this session (max {limit})")
+            session.connections += 1
+            self._sessions.add(session)
+        self._set_idle_timeout(
+            session.inactivity_timeout or self._service.inactivity_timeout_s)
+
+    # Buffers, borrowed for one operation.
+
+    def buffers(self, count=2):
+        """
+        `count` aligned transfer buffers for the running operation, from
+        the service's budget; given back when the operation ends, so an
+        idle keep-alive connection holds no buffer memory.
+        """
+        pool = self._service.buffer_pool
+        if self._buffers is None or len(self._buffers) < count:
+            self.release_buffers()
+            self._buffers = pool.get(self._service.buffer_size, count)
+        return [memoryview(b) for b in self._buffers[:count]]
+
+    def release_buffers(self):
+        """Give the buffers back to the pool."""
+        if self._buffers is not None:
+            self._service.buffer_pool.put(self._buffers)
+            self._buffers = None
+
+    # The backend kept open between requests.
+
+    def backend(self, session, mode):
+        """The open backend of `session` usable in `mode`, or None."""
+        if self._open is None:
+            return None
+        open_session, open_mode, backend = self._open
+        if open_session is session and not session.canceled \
+                and (open_mode == mode or open_mode == "rw"):
+            return backend
+        self.close_backend()
+        return None
+
+    def keep_backend(self, session, mode, backend):
+        """Keep `backend` open for the next requests of this client."""
+        self.close_backend()
+        self._open = (session, mode, backend)
+        # A removed or expired session must not keep its image open (the
+        # host agent may deactivate the volume next).
+        session.add_closer(self._session_canceled)
+
+    def _session_canceled(self, session):
+        if self._open is not None and self._open[0] is session and not self.running:
+            self.close_backend()
+        # A running operation closes it when it ends (see Images.operation).
+
+    def close_backend(self):
+        """Close the image this client keeps open, if any."""
+        if self._open is None:
+            return
+        session, _, backend = self._open
+        self._open = None
+        session.remove_closer(self._session_canceled)
+        try:
+            # Closing may flush to storage: never in the event loop.
+            ops.Runner(session.thread_slots).run(backend.close)
+        except Exception:
+            log.exception("session %s: closing the image failed", session.name)
+
+    def close(self):
+        """The connection ended: release everything."""
+        for session in self._sessions:
+            session.connections -= 1
+        self._sessions.clear()
+        self.release_buffers()
+        self.close_backend()
 
 
 class Images:
@@ -42,46 +154,71 @@ class Images:
         self.max_readers = images["max_readers"]
         self.max_writers = images["max_writers"]
         self.max_connections = images["max_connections_per_session"]
+        self.inactivity_timeout_s = images["inactivity_timeout_s"]
         self.direct_io = images["direct_io"]
         self.allowed_dirs = images["allowed_dirs"]
 
+    def client(self, cancel, set_idle_timeout):
+        """State for a new client connection (see Client)."""
+        return Client(self, cancel, set_idle_timeout)
+
     # Authorization and limits.
 
-    def session(self, session_id, op, conn):
-        """The session for `op`, counting `conn` as one of its connections."""
+    def session(self, session_id, op, client):
+        """The session for `op`, counting `client` as one of its connections."""
         session = self.registry.authorize(session_id, op)
-        conn.use_session(session, self.max_connections)
+        client.use_session(session)
         return session
 
-    def options(self, session_id, conn):
-        """Server options; for `*`, the server-wide features."""
+    def options(self, session_id, client):
+        """(allowed methods, options dict); for `*`, the server-wide ones."""
         result = {}
         if session_id == "*":
             allow = ["OPTIONS", "GET", "PUT", "PATCH"]
             result["features"] = list(BASE_FEATURES + WRITE_FEATURES)
         else:
-            session = self.session(session_id, "read", conn)
+            session = self.session(session_id, "read", client)
+            caps = self.capabilities(session, client)
             allow = ["OPTIONS", "GET"]
             features = list(BASE_FEATURES)
-            if session.may("write"):
+            writable = session.may("write")
+            if writable:
                 allow += ["PUT", "PATCH"]
-                features += WRITE_FEATURES
+                features += [f for f in WRITE_FEATURES if getattr(caps, f)]
+            if "dirty" in caps.extents:
+                features.append("dirty")
             result["features"] = features
             result["max_readers"] = self.max_readers
-            result["max_writers"] = self.max_writers if session.may("write") else 0
+            result["max_writers"] = self._max_writers(caps) if writable else 0
         if self.unix_socket:
             result["unix_socket"] = self.unix_socket
         return allow, result
 
-    def _check_limits(self, session, kind):
+    def capabilities(self, session, client):
+        """What the session's backend supports; opens it if it must."""
+        caps = backends.static_capabilities(session.url)
+        if caps is not None:
+            return caps
+        mode = "rw" if session.may("write") else "r"
+        backend = self._backend(session, mode, client,
+                                ops.Runner(session.thread_slots))
+        return backend.capabilities
+
+    def _max_writers(self, caps):
+        if caps.max_writers is None:
+            return self.max_writers
+        return min(self.max_writers, caps.max_writers)
+
+    def _check_limits(self, session, kind, caps):
         if kind in READ_KINDS and \
                 session.count_operations(READ_KINDS) >= self.max_readers:
             raise errors.ServiceUnavailable(
                 f"too many concurrent readers (max {self.max_readers})")
+        max_writers = self._max_writers(caps)
         if kind in WRITE_KINDS and \
-                session.count_operations(WRITE_KINDS) >= self.max_writers:
+                session.count_operations(WRITE_KINDS) >= max_writers:
             raise errors.ServiceUnavailable(
-                f"too many concurrent writers (max {self.max_writers})")
+                f"too many concurrent writers (max {max_writers})")
 
     @staticmethod
     def check_range(session, offset, length):
@@ -93,9 +230,13 @@ class Images:
     # Backend and operation lifecycle.
 
     def _open(self, session, mode):
-        backend = open_backend(session.url, mode, sparse=session.sparse,
-                               direct=self.direct_io, rmw_lock=session.rmw_lock)
-        if self.allowed_dirs:
+        options = backends.OpenOptions(
+            sparse=session.sparse, direct=self.direct_io,
+            rmw_lock=session.rmw_lock,
+            dirty=session.spec.get("dirty", False),
+            timeout_s=session.inactivity_timeout or self.inactivity_timeout_s)
+        backend = backends.open_backend(session.url, mode, options)
+        if self.allowed_dirs and hasattr(backend, "fileno"):
             # Check what was opened, not the name: no symlink, "..", or
             # rename between a check and the open can lead elsewhere.
             real = os.path.realpath(f"/proc/self/fd/{backend.fileno()}")
@@ -107,87 +248,98 @@ class Images:
                 raise errors.Forbidden("image is outside the allowed directories")
         return backend
 
+    def _backend(self, session, mode, client, runner):
+        # The client keeps the image open for its next request: a client
+        # reading extent after extent pays one open, not one per request.
+        backend = client.backend(session, mode)
+        if backend is None:
+            backend = runner.run(self._open, session, mode)
+            client.keep_backend(session, mode, backend)
+        return backend
+
     @contextlib.contextmanager
-    def operation(self, session, kind, offset, length, conn, mode="r"):
+    def operation(self, session, kind, offset, length, client, mode="r"):
         """
         Run an operation on `session`: yields (backend, runner, op).
 
         Registers the operation (it counts as active and transferring, and
-        canceling the session aborts the client connection) and opens the
-        image, or reuses the one the connection has open.
+        canceling the session cancels the client) and opens the image, or
+        reuses the one the client has open. When the operation ends its
+        buffers go back to the pool.
         """
-        self._check_limits(session, kind)
-        op = sessions.Operation(kind, offset, length, on_cancel=conn.abort)
-        session.add_operation(op)
+        op = sessions.Operation(kind, offset, length, on_cancel=client.cancel)
+        client.running += 1
         try:
             runner = ops.Runner(session.thread_slots)
-            # The connection keeps the image open for its next request:
-            # a client reading extent after extent pays one open, not one
-            # per request.
-            backend = conn.backend(session, mode)
-            if backend is None:
-                backend = runner.run(self._open, session, mode)
-                conn.keep_backend(session, mode, backend)
+            backend = self._backend(session, mode, client, runner)
+            self._check_limits(session, kind, backend.capabilities)
+            session.add_operation(op)
             yield backend, runner, op
         finally:
+            client.running -= 1
+            client.release_buffers()
             if session.canceled:
                 # Closed before the operation counts as stopped: once a
                 # DELETE returns, imaged has the image closed.
-                conn.close_backend()
+                client.close_backend()
             session.remove_operation(op)
 
     # The operations.
 
-    def read(self, session, offset, length, conn):
+    def read(self, session, offset, length, client):
         """
-        A generator of the image bytes in [offset, offset + length).
+        The image bytes in [offset, offset + length), as an iterator of
+        buffers with close(). Each buffer is valid until the next one.
 
-        Registration happens before the first chunk so that errors (a
+        Registration and the first read happen now, so that errors (a
         missing image) are raised before any response byte is sent.
         """
         self.check_range(session, offset, length)
-        cm = self.operation(session, "read", offset, length, conn)
+        cm = self.operation(session, "read", offset, length, client)
         backend, runner, op = cm.__enter__()
         log.debug("session %s: READ offset=%d length=%d", session.name, offset, length)
         try:
-            gen = ops.read(backend, runner, op, offset, length,
-                           conn.buffers(self.buffer_pool, self.buffer_size))
-            # Read the first chunk now: a failure here (a missing or short
-            # image, a canceled session) still gets a proper error status.
+            gen = ops.read(backend, runner, op, offset, length, client.buffers())
             first = next(gen, None)
         except BaseException:
             cm.__exit__(None, None, None)
             raise
-        return _Stream(first, gen, cm, conn)
+        return _Chunks(first, gen, cm)
 
-    def write(self, session, offset, length, body, conn, flush):
+    def write(self, session, offset, length, reader, client, flush):
+        """Write `length` bytes from `reader` at `offset`."""
         self.check_range(session, offset, length)
         log.debug("session %s: WRITE offset=%d length=%d flush=%s",
                   session.name, offset, length, flush)
-        with self.operation(session, "write", offset, length, conn, "rw") as (b, r, op):
-            ops.write(b, r, op, offset, length, body,
-                      conn.buffers(self.buffer_pool, self.buffer_size), flush)
+        with self.operation(session, "write", offset, length, client, "rw") as (b, r, op):
+            ops.write(b, r, op, offset, length, reader, client.buffers(), flush)
 
-    def write_stream(self, session, offset, body, conn, flush):
-        """Write a body of unknown length; returns bytes written."""
+    def write_stream(self, session, offset, reader, client, flush, end=None):
+        """
+        Write a body of unknown length at `offset`; returns bytes written.
+        Nothing at or past `end` (default: the session size) is written.
+        """
+        limit = session.size if end is None else min(end, session.size)
         self.check_range(session, offset, 0)
-        with self.operation(session, "write", offset, 0, conn, "rw") as (b, r, op):
-            return ops.write_stream(b, r, op, offset, session.size, body,
-                                    conn.buffers(self.buffer_pool, self.buffer_size), flush)
+        with self.operation(session, "write", offset, 0, client, "rw") as (b, r, op):
+            return ops.write_stream(b, r, op, offset, limit, reader,
+                                    client.buffers(), flush)
 
-    def zero(self, session, offset, length, conn, flush):
+    def zero(self, session, offset, length, client, flush):
         self.check_range(session, offset, length)
         log.debug("session %s: ZERO offset=%d length=%d flush=%s",
                   session.name, offset, length, flush)
-        with self.operation(session, "zero", offset, length, conn, "rw") as (b, r, op):
+        with self.operation(session, "zero", offset, length, client, "rw") as (b, r, op):
+            _require(b.capabilities.zero, "zero")
             ops.zero(b, r, op, offset, length, flush)
 
-    def flush(self, session, conn):
+    def flush(self, session, client):
         log.debug("session %s: FLUSH", session.name)
-        with self.operation(session, "flush", 0, 0, conn, "rw") as (b, r, op):
+        with self.operation(session, "flush", 0, 0, client, "rw") as (b, r, op):
+            _require(b.capabilities.flush, "flush")
             ops.flush(b, r, op)
 
-    def extents(self, session, conn, start=0, length=None):
+    def extents(self, session, client, start=0, length=None, context="zero"):
         if length is None:
             length = max(session.size - start, 0)
         if start >= session.size and session.size:
@@ -195,23 +347,24 @@ class Images:
                 f"start {start} is beyond the image size {session.size}",
                 session.size)
         self.check_range(session, start, min(length, session.size - start))
-        with self.operation(session, "extents", start, 0, conn) as (b, r, op):
-            return ops.extents(b, r, session.size, start, length)
+        with self.operation(session, "extents", start, 0, client) as (b, r, op):
+            if context not in b.capabilities.extents:
+                raise errors.NotFound(
+                    f"{context} extents are not available for this session")
+            return ops.extents(b, r, session.size, start, length, context)
 
-    def checksum(self, session, conn, algorithm, block_size):
-        blkhash.validate(algorithm, block_size)
+    def checksum(self, session, client, algorithm, block_size):
+        """The block checksum of the session's image (see imaged.blkhash)."""
         log.debug("session %s: CHECKSUM algorithm=%s block_size=%d",
                   session.name, algorithm, block_size)
-        with self._hashing(session, conn, 0, session.size, block_size) as (b, r, op, buf):
+        with self._hashing(session, client, 0, session.size, block_size) as (b, r, op, buf):
             return ops.checksum(b, r, op, session.size, algorithm, block_size, buf)
 
-    def checksum_blocks(self, session, conn, algorithm, block_size, start, length=None):
+    def checksum_blocks(self, session, client, algorithm, block_size, start, length=None):
         """
         The block digests of [start, start + length) (default: to the end),
         at most config.CHECKSUM_BLOCKS_WINDOW_BYTES of the image per answer.
         """
-        blkhash.validate(algorithm, block_size)
-        blkhash.validate_window(start, block_size)
         if start > session.size:
             raise errors.BadRequest(
                 f"Invalid start {start}, beyond the image size {session.size}")
@@ -221,15 +374,15 @@ class Images:
         length = min(length, session.size - start, window)
         log.debug("session %s: CHECKSUM BLOCKS algorithm=%s block_size=%d start=%d "
                   "length=%d", session.name, algorithm, block_size, start, length)
-        with self._hashing(session, conn, start, length, block_size) as (b, r, op, buf):
+        with self._hashing(session, client, start, length, block_size) as (b, r, op, buf):
             return ops.checksum_blocks(b, r, op, session.size, algorithm, block_size,
                                        buf, start, length)
 
     @contextlib.contextmanager
-    def _hashing(self, session, conn, start, length, block_size):
+    def _hashing(self, session, client, start, length, block_size):
         """A checksum operation: yields (backend, runner, op, buffer of a block)."""
-        with self.operation(session, "checksum", start, length, conn) as (b, r, op):
-            bufs = conn.buffers(self.buffer_pool, self.buffer_size)
+        with self.operation(session, "checksum", start, length, client) as (b, r, op):
+            bufs = client.buffers()
             if block_size <= len(bufs[0]):
                 yield b, r, op, bufs[0]
                 return
@@ -237,68 +390,42 @@ class Images:
             # own, for this request only.
             for view in bufs:
                 view.release()
-            conn.release_buffers()
+            client.release_buffers()
             with util.aligned_buffer(block_size) as mem:
                 with memoryview(mem) as buf:
                     yield b, r, op, buf
 
 
-class _Stream:
-    """
-    The response body of a read: iterates the chunks, and ends the
-    operation when the server closes it (also when the client went away).
+def _require(supported, what):
+    if not supported:
+        raise errors.Unsupported(f"this image does not support {what}")
 
-    The connection is corked while the body streams (see
-    web.Connection.cork) and uncorked as soon as the last chunk is handed
-    to the server, so the tail never waits.
+
+class _Chunks:
+    """
+    The data of a read: iterates the chunks, and ends the operation when
+    closed (also when the client went away midway).
     """
 
-    def __init__(self, first, gen, cm, conn):
+    def __init__(self, first, gen, cm):
         self._first = first
-        self._rest = None
         self._gen = gen
         self._cm = cm
-        self._conn = conn
-        # Our server sends each chunk before asking for the next, so it may
-        # get views of the reused buffers. Any other WSGI server (a detached
-        # connection) may keep chunks around and needs bytes (PEP 3333).
-        self._copy = conn.sock is None
-        self._corked = False
 
     def __iter__(self):
         return self
 
     def __next__(self):
         if self._first is not None:
-            # Bottle peeks at the first item and accepts only bytes; later
-            # items go to the server as they are (memoryviews, no copy). So
-            # the first item is one byte (not a copy of a whole piece, up to
-            # 1 MiB per request) and the rest of the piece comes next.
             first, self._first = self._first, None
-            self._rest = first[1:]
-            self._conn.cork(True)
-            self._corked = True
-            return bytes(first[:1])
-        if self._rest:
-            rest, self._rest = self._rest, None
-            return bytes(rest) if self._copy else rest
-        try:
-            chunk = next(self._gen)
-        except StopIteration:
-            self._uncork()
-            raise
-        return bytes(chunk) if self._copy else chunk
-
-    def _uncork(self):
-        if self._corked:
-            self._corked = False
-            self._conn.cork(False)
+            return first
+        return next(self._gen)
 
     def close(self):
         try:
-            self._uncork()
             self._gen.close()
         finally:
             cm, self._cm = self._cm, None
             if cm is not None:
                 cm.__exit__(None, None, None)
+

@@ -16,6 +16,7 @@ import gevent
 from . import blkhash
 from . import errors
 from . import util
+from .backends import Extent
 
 # Zero requests are split so that cancellation and progress stay responsive
 # even when the file system zeroes gigabytes in one call.
@@ -112,9 +113,20 @@ def read(backend, runner, op, offset, length, buffers):
             _wait_quietly(pending[0])
 
 
-def write(backend, runner, op, offset, length, body, buffers, flush):
+def read_exactly(reader, view):
+    """Fill `view` from `reader`; raises BadRequest if it ends first."""
+    got = 0
+    while got < len(view):
+        count = reader.readinto(view[got:])
+        if not count:
+            raise errors.BadRequest(
+                f"request body ended early: expected {len(view) - got} more bytes")
+        got += count
+
+
+def write(backend, runner, op, offset, length, reader, buffers, flush):
     """
-    Write `length` bytes from `body` (see web.BodyReader) at `offset`.
+    Write `length` bytes from `reader` (anything with readinto) at `offset`.
 
     The next chunk is received while the previous one is written. Returns
     only when every byte is written, and flushed if `flush`.
@@ -125,7 +137,7 @@ def write(backend, runner, op, offset, length, body, buffers, flush):
     try:
         while remaining:
             view = buffers[i][:min(chunk, remaining)]
-            body.readinto_exactly(view)
+            read_exactly(reader, view)
             op.check()
             if pending is not None:
                 done = pending.get()
@@ -146,7 +158,7 @@ def write(backend, runner, op, offset, length, body, buffers, flush):
         _wait_quietly(pending)
 
 
-def write_stream(backend, runner, op, offset, limit, body, buffers, flush):
+def write_stream(backend, runner, op, offset, limit, reader, buffers, flush):
     """
     Write a body of unknown length (chunked encoding) at `offset`.
 
@@ -156,7 +168,7 @@ def write_stream(backend, runner, op, offset, limit, body, buffers, flush):
     pos = offset
     while True:
         view = buffers[0][:chunk]
-        count = body.readinto_some(view)
+        count = reader.readinto(view)
         if not count:
             break
         if pos + count > limit:
@@ -190,9 +202,11 @@ def flush(backend, runner, op):
     runner.run(backend.flush)
 
 
-def extents(backend, runner, size, start, length):
+def extents(backend, runner, size, start, length, context="zero"):
     """
-    Extents of [start, start + length), clipped to the session `size`.
+    Extents of [start, start + length), clipped to the session `size`, as
+    JSON-ready dicts; in the "dirty" context with a `dirty` key instead of
+    `hole`.
 
     A part of the session beyond the end of the file reads as zeroes in no
     format we know, but listing must cover the window: it is reported as a
@@ -203,26 +217,29 @@ def extents(backend, runner, size, start, length):
     def collect():
         result = []
         covered = start
-        for ext in backend.extents(start, end - start):
+        for ext in backend.extents(start, end - start, context):
             if ext.start >= end:
                 break
             ext_end = min(ext.start + ext.length, end)
-            result.append(_extent(ext.start, ext_end - ext.start, ext.zero, ext.hole))
+            result.append(_extent(ext.start, ext_end - ext.start, ext, context))
             covered = ext_end
         if covered < end:
-            _append(result, _extent(covered, end - covered, True, False))
+            _append(result, _extent(covered, end - covered,
+                                    Extent(covered, end - covered, True), context))
         return result
 
     return runner.run(collect)
 
 
-def _extent(start, length, zero, hole):
-    return {"start": start, "length": length, "zero": zero, "hole": hole}
+def _extent(start, length, ext, context):
+    if context == "dirty":
+        return {"start": start, "length": length, "dirty": ext.dirty, "zero": ext.zero}
+    return {"start": start, "length": length, "zero": ext.zero, "hole": ext.hole}
 
 
 def _append(result, ext):
     last = result[-1] if result else None
-    if last and last["zero"] == ext["zero"] and last["hole"] == ext["hole"] \
+    if last and all(last[k] == ext[k] for k in ext if k not in ("start", "length")) \
             and last["start"] + last["length"] == ext["start"]:
         last["length"] += ext["length"]
     else:
@@ -236,7 +253,6 @@ def _block_extents(backend, runner, size, start, end):
     # Past the end of the file the image has no data to read: see extents().
     covered = min(exts[-1].start + exts[-1].length, end) if exts else start
     if covered < end:
-        from .backends import Extent
         exts.append(Extent(covered, end - covered, True, False))
     return exts
 

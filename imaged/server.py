@@ -1,18 +1,13 @@
 """
-Listeners: sockets, TLS and one gevent WSGIServer per listener.
+Listeners: the configured sockets, TLS, and the apps mounted on each.
 
-pywsgi needs help for a streaming daemon (see NOTES in the docs):
-
-- `Handler` keeps a `web.Connection` per client connection in the environ,
-  closes it when the connection ends, and drops idle connections through the
-  socket timeout (pywsgi has no inactivity timeout of its own).
-- `Input` skips pywsgi's draining of an unread request body when the app
-  asked to close the connection: an early 403 to a 100 GiB PUT must not read
-  100 GiB. `Handler` then drops the rest of the body for a bounded while
-  before closing (a lingering close), so that the client still gets the
-  answer instead of a connection reset.
-- Servers spawn from a `gevent.pool.Pool`, so `stop()` kills the handlers
-  still running.
+- `Listener` binds a listener's socket and serves it with an
+  imaged.transport.Server, which spawns from a `gevent.pool.Pool` (so that
+  `stop()` kills the handlers still running, and the pool bounds the
+  number of connections).
+- `Dispatcher` sends each request to the app mounted for its path prefix,
+  after refusing paths whose meaning would depend on who decodes them.
+- `make_ssl_context()` is the one place TLS settings are chosen.
 """
 
 import errno
@@ -22,184 +17,12 @@ import os
 import re
 import socket
 import ssl
-import time
-
-import gevent
+import stat
 from gevent import pool
-from gevent import pywsgi
 
-from . import config
-from . import errors
-from . import web
+from . import transport
 
 log = logging.getLogger("server")
-
-
-class Input(pywsgi.Input):
-    """Request body that is not drained when the connection will close."""
-
-    __slots__ = ("handler",)
-
-    def _discard(self):
-        if self.handler.close_connection or self.handler.connection.close_after_response:
-            self.handler.close_connection = True
-            return
-        super()._discard()
-
-
-class Handler(pywsgi.WSGIHandler):
-    """WSGI handler with per-connection state."""
-
-    inactivity_timeout_s = None
-    header_timeout_s = 30
-
-    def handle(self):
-        if self.socket.family in web.TCP_FAMILIES:
-            # The tail of a response must not wait for the client's delayed
-            # ACK (Nagle): with one request per extent that cost ~20 ms each.
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.connection = web.Connection(
-            self.socket, inactivity_timeout_s=self.inactivity_timeout_s)
-        if self.inactivity_timeout_s:
-            self.socket.settimeout(self.inactivity_timeout_s)
-        self.server.connections.add(self.connection)
-        try:
-            super().handle()
-        except socket.timeout:
-            log.debug("dropping idle connection from %s", self._client())
-        finally:
-            self.server.connections.discard(self.connection)
-            self.connection.close()
-
-    def _client(self):
-        addr = self.client_address
-        return addr[0] if isinstance(addr, tuple) else "local"
-
-    def get_environ(self):
-        env = super().get_environ()
-        # Replace pywsgi's Input with ours, reading the same stream.
-        old = self.wsgi_input
-        new = Input(old.rfile, old.content_length, socket=old.socket,
-                    chunked_input=old.chunked_input)
-        new.handler = self
-        self.wsgi_input = new
-        if env.get("wsgi.input") is old:
-            env["wsgi.input"] = new
-        env[web.CONNECTION_KEY] = self.connection
-        # The path as sent, before pywsgi's percent-decoding, so that the
-        # dispatcher can tell an encoded slash from a real one.
-        env["imaged.raw_path"] = self.path.split("?", 1)[0]
-        return env
-
-    # Closing a socket with unread request data makes the kernel reset the
-    # connection, and the client may lose the answer it has not read yet (a
-    # client uploading a body reads the answer only once it has sent it).
-    # After refusing a request without reading its body, the rest of the body
-    # is dropped for a bounded while before closing: a "lingering close".
-    linger_s = 2.0
-    linger_bytes = 256 * 1024**2
-
-    def handle_one_response(self):
-        self.connection.busy = True
-        try:
-            super().handle_one_response()
-        finally:
-            self.connection.busy = False
-            # The response is sent (or abandoned): an idle keep-alive
-            # connection holds no transfer buffers.
-            self.connection.end_request()
-        if self.connection.close_after_response:
-            self.close_connection = True
-            self._linger()
-
-    def _linger(self):
-        inp = self.wsgi_input
-        sock = self.socket
-        if inp is None or sock is None:
-            return
-        if inp.chunked_input:
-            unread = inp.chunk_length != 0
-        else:
-            unread = inp.position < (inp.content_length or 0)
-        if not unread:
-            return
-        deadline = time.monotonic() + self.linger_s
-        left = self.linger_bytes
-        buf = bytearray(256 * 1024)
-        try:
-            # The answer is sent: end our side, then drop what comes.
-            sock.shutdown(socket.SHUT_WR)
-            while left > 0:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
-                sock.settimeout(timeout)
-                count = sock.recv_into(buf)
-                if not count:
-                    break
-                left -= count
-        except OSError:
-            pass
-
-    def read_requestline(self):
-        try:
-            # Waiting for the first byte of a request is idleness, bounded
-            # by the inactivity timeout of the socket.
-            self.rfile.peek(1)
-        except socket.timeout:
-            # Idle keep-alive connection: end it quietly.
-            return None
-        # From the first byte on, the request line and headers must arrive
-        # within the header timeout: a client dripping a byte now and then
-        # would otherwise hold the connection forever.
-        self._header_deadline = gevent.Timeout(
-            self.header_timeout_s, socket.timeout("request header timeout"))
-        self._header_deadline.start()
-        try:
-            return super().read_requestline()
-        except BaseException:
-            self._header_deadline.close()
-            raise
-
-    def read_request(self, raw_requestline):
-        line = raw_requestline.rstrip("\r\n")
-        if _UNSAFE_REQUEST_LINE.search(line):
-            # pywsgi splits the line on any Unicode white space, so bytes
-            # like \x1e would end the path early and change its meaning.
-            self._header_deadline.close()
-            log.warning("invalid request line from %s", self._client())
-            return False
-        try:
-            return super().read_request(raw_requestline)
-        except socket.timeout:
-            log.warning("dropping client %s: request headers too slow", self._client())
-            self.close_connection = True
-            return False
-        finally:
-            self._header_deadline.close()
-
-    def log_request(self):
-        # The access log would show session ids in URLs; request logging
-        # happens in the apps, with ids shortened.
-        pass
-
-    def log_error(self, msg, *args):
-        # pywsgi's messages quote the request line, which holds the session
-        # id: log only that a client sent something invalid.
-        log.warning("invalid request from %s", self._client())
-
-    def _log_error(self, t, v, tb):
-        if self.connection.aborted and issubclass(t, (OSError, errors.Canceled)):
-            # The session was canceled, expired or removed: its transfer was
-            # cut on purpose, this is no server fault.
-            log.info("transfer to %s aborted: session canceled", self._client())
-            return
-        if issubclass(t, (ConnectionError, ssl.SSLEOFError)):
-            # The client went away mid-response: a client's choice.
-            log.info("connection from %s lost: %s", self._client(), v)
-            return
-        # pywsgi would print the environ (session id in PATH_INFO).
-        log.error("request failed: %s: %s", t.__name__, v, exc_info=(t, v, tb))
 
 
 class Dispatcher:
@@ -227,16 +50,12 @@ class Dispatcher:
         return [b"No such resource\n"]
 
 
-# Control bytes and the extra white space of latin-1 have no place in a
-# request line.
-_UNSAFE_REQUEST_LINE = re.compile("[\x00-\x1f\x7f\x85\xa0]")
-
 _ENCODED_SEPARATOR = re.compile("%(2f|5c|00)", re.IGNORECASE)
 
 
 def _path_problem(environ):
     """Why the request path is refused, or None if it is fine."""
-    raw = environ.get("imaged.raw_path")
+    raw = environ.get(transport.RAW_PATH_KEY)
     if raw is not None and _ENCODED_SEPARATOR.search(raw):
         # An encoded slash must not split a session id from its resource.
         return "encoded '/', '\\' or NUL"
@@ -323,7 +142,6 @@ def _remove_stale(path):
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    import stat
     if not stat.S_ISSOCK(st.st_mode):
         raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -346,16 +164,16 @@ class Listener:
         self.sock = bind(lst)
         ssl_context = make_ssl_context(tls) if lst["kind"] == "tls" else None
 
-        handler = type("Handler", (Handler,), {
-            "inactivity_timeout_s": cfg["images"]["inactivity_timeout_s"],
+        handler = type("Handler", (transport.Handler,), {
+            "idle_timeout_s": cfg["images"]["inactivity_timeout_s"],
             "header_timeout_s": cfg["server"]["header_timeout_s"]})
         tls_args = {"ssl_context": ssl_context} if ssl_context else {}
-        self.server = _Server(
+        self.server = transport.Server(
             self.sock, app,
             handler_class=handler,
             spawn=pool.Pool(cfg["server"]["max_connections"]),
             log=None,
-            error_log=_ErrorLog(),
+            error_log=transport.ErrorLog(),
             **tls_args)
         if lst["kind"] == "tcp":
             log.warning("listener %s: plain TCP without TLS, for labs and tests only",
@@ -378,9 +196,9 @@ class Listener:
         """Stop accepting, and drop connections waiting for a request."""
         if not self.server.closed:
             self.server.close()
-        for conn in list(self.server.connections):
-            if not conn.busy:
-                conn.abort()
+        for link in list(self.server.links):
+            if not link.busy:
+                link.abort()
 
     def stop(self, timeout):
         """Wait up to `timeout` for running requests, then end them."""
@@ -400,38 +218,4 @@ def _show_address(addr):
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
-class _Server(pywsgi.WSGIServer):
-    """WSGIServer with a deadline on the TLS handshake and quiet failures."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # The web.Connection of every open client connection.
-        self.connections = set()
-
-    def wrap_socket_and_handle(self, client_socket, address):
-        # A client that connects and never speaks must not hold a greenlet
-        # and a socket forever.
-        client_socket.settimeout(self.handler_class.inactivity_timeout_s)
-        try:
-            ssl_socket = self.wrap_socket(client_socket, **self.ssl_args)
-        except (ssl.SSLError, OSError) as e:
-            log.debug("TLS handshake failed: %s", e)
-            client_socket.close()
-            return
-        with ssl_socket:
-            return self.handle(ssl_socket, address)
-
-
-class _ErrorLog:
-    """pywsgi error log into our logging, without request details."""
-
-    def write(self, msg):
-        msg = msg.strip()
-        if msg:
-            log.error("%s", msg)
-
-    def flush(self):
-        pass
-
-
-__all__ = ["Listener", "Dispatcher", "make_ssl_context", "config"]
+__all__ = ["Listener", "Dispatcher", "make_ssl_context"]

@@ -16,13 +16,15 @@ import hashlib
 import logging
 import re
 import time
-import urllib.parse
 
 import gevent
 import gevent.event
 import gevent.lock
 
+from . import backends
+from . import config
 from . import errors
+from . import validate
 from .ranges import RangeSet
 
 log = logging.getLogger("sessions")
@@ -77,52 +79,22 @@ def parse_spec(session_id, body):
 
     spec = {"uuid": session_id}
     spec["url"] = _url(body)
-    spec["size"] = integer_field(body, "size", minval=0)
+    spec["size"] = validate.integer(body, "size")
     spec["ops"] = _ops(body)
-    spec["timeout"] = integer_field(body, "timeout", minval=0)
-    spec["sparse"] = _boolean(body, "sparse", default=False)
-    spec["inactivity_timeout"] = integer_field(
-        body, "inactivity_timeout", minval=1, default=None)
-    transfer_id = body.get("transfer_id")
-    if transfer_id is not None and (
-            not isinstance(transfer_id, str) or len(transfer_id) > 256
-            or not transfer_id.isprintable()):
-        # It goes into log lines: no newline may forge one.
-        raise errors.BadRequest(
-            "invalid transfer_id: expected a printable string of at most 256 characters")
-    spec["transfer_id"] = transfer_id
+    spec["timeout"] = validate.integer(body, "timeout")
+    spec["sparse"] = validate.boolean(body, "sparse", default=False)
+    # A socket cannot wait longer than MAX_TIMEOUT_S: refuse what the
+    # daemon could not honour instead of failing on the first upload.
+    spec["inactivity_timeout"] = validate.integer(
+        body, "inactivity_timeout", minval=1, maxval=config.MAX_TIMEOUT_S,
+        default=None)
+    spec["transfer_id"] = validate.printable(body, "transfer_id", 256)
     return spec
-
-
-def _missing(name):
-    return errors.BadRequest(f"missing {name}: required field")
-
-
-def integer_field(body, name, minval=None, default=...):
-    if name not in body:
-        if default is ...:
-            raise _missing(name)
-        return default
-    value = body[name]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise errors.BadRequest(f"invalid {name}: expected an integer, got {value!r:.40}")
-    if minval is not None and value < minval:
-        raise errors.BadRequest(f"invalid {name}: must be >= {minval}, got {value}")
-    if value > 2**63 - 1:
-        raise errors.BadRequest(f"invalid {name}: too large")
-    return value
-
-
-def _boolean(body, name, default):
-    value = body.get(name, default)
-    if not isinstance(value, bool):
-        raise errors.BadRequest(f"invalid {name}: expected true or false, got {value!r:.40}")
-    return value
 
 
 def _ops(body):
     if "ops" not in body:
-        raise _missing("ops")
+        raise validate.missing("ops")
     ops = body["ops"]
     if not isinstance(ops, list) or not ops or \
             any(op not in OPS for op in ops):
@@ -134,19 +106,9 @@ def _ops(body):
 
 def _url(body):
     if "url" not in body:
-        raise _missing("url")
+        raise validate.missing("url")
     url = body["url"]
-    if not isinstance(url, str):
-        raise errors.BadRequest("invalid url: expected a string")
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme != "file" or parsed.netloc or parsed.query \
-            or parsed.fragment or not parsed.path.startswith("/") \
-            or "\0" in parsed.path:
-        raise errors.BadRequest("invalid url: expected file:///absolute/path")
-    if "%" in parsed.path:
-        # Paths are used as written (see url_path): an escape would mean
-        # one thing to a reader and another to the file system.
-        raise errors.BadRequest("invalid url: percent-encoded paths are not supported")
+    backends.check_url(url)
     return url
 
 

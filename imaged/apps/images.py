@@ -1,11 +1,19 @@
 """
 The images API (data plane), wire-compatible with ovirt-imageio's.
 
-Handlers parse and validate the HTTP request, then call imaged.images.
-The session id is the last URL component (before /extents or /checksum).
-"""
+A handler class per resource, as routes of one Bottle app:
 
-import functools
+    /images/{id}                       Image: OPTIONS GET PUT PATCH
+    /images/{id}/extents               Extents: GET
+    /images/{id}/checksum              Checksum: GET
+    /images/{id}/checksum/algorithms   algorithms(): GET
+    /images/{id}/checksum/blocks       ChecksumBlocks: GET
+
+Handlers parse and validate the request (imaged.validate, imaged.ranges),
+then call the images service (imaged.images), which knows nothing of HTTP.
+Errors are raised as imaged.errors and answered by web.ErrorPlugin; the
+CORS plugin adds what a browser needs to every answer of this app.
+"""
 
 import bottle
 
@@ -13,6 +21,8 @@ from .. import blkhash
 from .. import errors
 from .. import images
 from .. import ranges
+from .. import transport
+from .. import validate
 from .. import web
 
 PREFIXES = ("/images/",)
@@ -20,66 +30,60 @@ PREFIXES = ("/images/",)
 # Browsers may cache a CORS preflight answer this long.
 CORS_MAX_AGE_S = 24 * 3600
 
-
-def browser_friendly(func):
-    """
-    Add what a browser needs to the handler's response.
-
-    The engine's web UI uploads and downloads from the browser straight to
-    the host: the answers carry CORS headers (any origin: the session id in
-    the URL is the authorization, not the origin), and `?close=y` closes
-    the connection after the answer, as ovirt-imageio does.
-    """
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        response = func(*args, **kwargs)
-        environ = bottle.request.environ
-        cors = False
-        if environ.get("HTTP_ORIGIN"):
-            response.set_header("Access-Control-Allow-Origin", "*")
-            cors = True
-        if environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"):
-            response.set_header("Access-Control-Allow-Headers", "*")
-            cors = True
-        if environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"):
-            response.set_header("Access-Control-Allow-Methods", "OPTIONS,GET,PUT")
-            cors = True
-        if cors:
-            response.set_header("Access-Control-Max-Age", str(CORS_MAX_AGE_S))
-        if bottle.request.query.get("close") == "y":
-            response.set_header("Connection", "close")
-            web.connection(environ).close_after_response = True
-        return response
-    return wrapper
+# The Link.context key of the images service's per-connection state.
+_CLIENT_KEY = "images"
 
 
 def make_app(registry, cfg, unix_socket=None):
     """The images app over `registry`; `unix_socket` is reported in OPTIONS."""
-    app = web.make_app()
     service = images.Images(registry, cfg, unix_socket=unix_socket)
-    max_body = cfg["sessions"]["max_body_bytes"]
+    app = web.make_app(plugins=[CorsPlugin()])
+    image = Image(service, cfg["sessions"]["max_body_bytes"])
+    app.route("/images/<session_id>", "OPTIONS", image.options)
+    app.route("/images/<session_id>", "GET", image.get)
+    app.route("/images/<session_id>", "PUT", image.put)
+    app.route("/images/<session_id>", "PATCH", image.patch)
+    app.route("/images/<session_id>/extents", "GET", Extents(service).get)
+    app.route("/images/<session_id>/checksum", "GET", Checksum(service).get)
+    app.route("/images/<session_id>/checksum/algorithms", "GET", algorithms)
+    app.route("/images/<session_id>/checksum/blocks", "GET", ChecksumBlocks(service).get)
+    return app
 
-    def conn():
-        return web.connection(bottle.request.environ)
 
-    @browser_friendly
-    @web.handles_errors
-    def options(session_id):
-        allow, body = service.options(session_id, conn())
+def client(service):
+    """The service's state for this request's connection (see images.Client)."""
+    environ = bottle.request.environ
+    link = transport.link(environ)
+    state = link.context.get(_CLIENT_KEY)
+    if state is None:
+        state = link.context[_CLIENT_KEY] = service.client(
+            cancel=link.abort, set_idle_timeout=link.set_idle_timeout)
+        link.on_close(state.close)
+    return state
+
+
+class Image:
+    """/images/{id}: the image data."""
+
+    def __init__(self, service, max_body_bytes):
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+
+    def options(self, session_id):
+        allow, body = self.service.options(session_id, client(self.service))
         response = web.json_response(body)
         response.set_header("Allow", ",".join(allow))
         return response
 
-    @browser_friendly
-    @web.handles_errors
-    def get(session_id):
-        session = service.session(session_id, "read", conn())
+    def get(self, session_id):
+        conn = client(self.service)
+        session = self.service.session(session_id, "read", conn)
         header = bottle.request.environ.get("HTTP_RANGE")
         if header:
             offset, length = ranges.parse_range(header, session.size)
         else:
             offset, length = 0, session.size
-        stream = service.read(session, offset, length, conn())
+        chunks = self.service.read(session, offset, length, conn)
         headers = {
             "Content-Type": "application/octet-stream",
             "Content-Length": str(length),
@@ -90,141 +94,167 @@ def make_app(registry, cfg, unix_socket=None):
             status = 206
             headers["Content-Range"] = \
                 f"bytes {offset}-{offset + length - 1}/{session.size}"
-        return bottle.HTTPResponse(stream, status=status, **headers)
+        body = web.StreamResponse(chunks, transport.link(bottle.request.environ))
+        return bottle.HTTPResponse(body, status=status, **headers)
 
-    @browser_friendly
-    @web.handles_errors
-    def put(session_id):
+    def put(self, session_id):
         try:
-            return _put(session_id)
+            return self._put(session_id)
         except errors.Error:
-            # The rest of the body may still be on the wire, up to many GiB:
-            # close the connection instead of reading it.
-            conn().close_after_response = True
+            # The rest of the body may still be on the wire, up to many GiB,
+            # and where it stands is unknown: this connection carries no
+            # further request.
+            transport.link(bottle.request.environ).close_after_response()
             raise
 
-    def _put(session_id):
+    def _put(self, session_id):
         environ = bottle.request.environ
-        flush = _flush_param(bottle.request.query.get("flush", "y"))
-        session = service.session(session_id, "write", conn())
+        flush = _flush_param(bottle.request.query)
+        conn = client(self.service)
+        session = self.service.session(session_id, "write", conn)
         offset, last = 0, None
         header = environ.get("HTTP_CONTENT_RANGE")
         if header:
             offset, last = ranges.parse_content_range(header)
-        body = web.BodyReader(environ)
-        if body.chunked:
-            written = service.write_stream(session, offset, body, conn(), flush)
+        reader = transport.body(environ)
+        if reader.chunked:
+            end = None if last is None else last + 1
+            written = self.service.write_stream(session, offset, reader, conn, flush, end)
             if last is not None and last != offset + written - 1:
                 raise errors.BadRequest("body length does not match Content-Range")
-            return bottle.HTTPResponse(status=200, **{"Content-Length": "0"})
-        length = web.content_length(environ)
-        if length is None:
+            return web.empty_response()
+        length = reader.length
+        if not environ.get("CONTENT_LENGTH"):
             raise errors.BadRequest("Content-Length header is required")
         if last is not None and last - offset + 1 != length:
-            raise errors.BadRequest(
-                "Content-Range does not match Content-Length")
-        service.write(session, offset, length, body, conn(), flush)
-        return bottle.HTTPResponse(status=200, **{"Content-Length": "0"})
+            raise errors.BadRequest("Content-Range does not match Content-Length")
+        self.service.write(session, offset, length, reader, conn, flush)
+        return web.empty_response()
 
-    @web.handles_errors
-    def patch(session_id):
-        msg = web.read_json(bottle.request.environ, max_body)
-        if not isinstance(msg, dict):
-            raise errors.BadRequest("invalid body: expected a JSON object")
+    def patch(self, session_id):
+        msg = validate.json_object(
+            web.read_json(bottle.request.environ, self.max_body_bytes))
         op = msg.get("op")
+        conn = client(self.service)
         if op == "zero":
-            size = _int(msg, "size")
-            offset = _int(msg, "offset", default=0)
-            flush = _bool(msg, "flush", default=False)
-            session = service.session(session_id, "write", conn())
-            service.zero(session, offset, size, conn(), flush)
+            size = validate.integer(msg, "size")
+            offset = validate.integer(msg, "offset", default=0)
+            flush = validate.boolean(msg, "flush", default=False)
+            session = self.service.session(session_id, "write", conn)
+            self.service.zero(session, offset, size, conn, flush)
         elif op == "flush":
-            session = service.session(session_id, "write", conn())
-            service.flush(session, conn())
+            session = self.service.session(session_id, "write", conn)
+            self.service.flush(session, conn)
         else:
             raise errors.BadRequest(
                 f"invalid op: expected 'zero' or 'flush', got {op!r:.40}")
-        return bottle.HTTPResponse(status=200, **{"Content-Length": "0"})
+        return web.empty_response()
 
-    @web.handles_errors
-    def extents(session_id):
-        query = bottle.request.query
-        context = query.get("context", "zero")
-        if context == "dirty":
-            raise errors.NotFound("dirty extents are not available for this session")
-        if context != "zero":
-            raise errors.BadRequest(f"invalid context: {context!r:.40}")
-        session = service.session(session_id, "read", conn())
-        start = _query_int(query, "start", 0)
-        length = _query_int(query, "length", None)
-        return web.json_response(service.extents(session, conn(), start, length))
 
-    @web.handles_errors
-    def checksum(session_id):
+class Extents:
+    """/images/{id}/extents: allocation of the image, or dirty blocks."""
+
+    CONTEXTS = ("zero", "dirty")
+
+    def __init__(self, service):
+        self.service = service
+
+    def get(self, session_id):
         query = bottle.request.query
-        algorithm = query.get("algorithm", blkhash.ALGORITHM)
-        block_size = _query_int(query, "block_size", blkhash.BLOCK_SIZE)
-        blkhash.validate(algorithm, block_size)
-        session = service.session(session_id, "read", conn())
+        context = validate.query_choice(query, "context", self.CONTEXTS, "zero")
+        start = validate.query_integer(query, "start", 0)
+        length = validate.query_integer(query, "length", None)
+        conn = client(self.service)
+        session = self.service.session(session_id, "read", conn)
         return web.json_response(
-            service.checksum(session, conn(), algorithm, block_size))
+            self.service.extents(session, conn, start, length, context))
 
-    @web.handles_errors
-    def checksum_blocks(session_id):
+
+class Checksum:
+    """/images/{id}/checksum: the block checksum of the image."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def get(self, session_id):
         query = bottle.request.query
         algorithm = query.get("algorithm", blkhash.ALGORITHM)
-        block_size = _query_int(query, "block_size", blkhash.BLOCK_SIZE)
-        start = _query_int(query, "start", 0)
-        length = _query_int(query, "length", None)
-        session = service.session(session_id, "read", conn())
-        return web.json_response(service.checksum_blocks(
-            session, conn(), algorithm, block_size, start, length))
-
-    @web.handles_errors
-    def algorithms(session_id):
-        return web.json_response({"algorithms": blkhash.algorithms()})
-
-    app.route("/images/<session_id>", "OPTIONS", options)
-    app.route("/images/<session_id>", "GET", get)
-    app.route("/images/<session_id>", "PUT", put)
-    app.route("/images/<session_id>", "PATCH", patch)
-    app.route("/images/<session_id>/extents", "GET", extents)
-    app.route("/images/<session_id>/checksum", "GET", checksum)
-    app.route("/images/<session_id>/checksum/algorithms", "GET", algorithms)
-    app.route("/images/<session_id>/checksum/blocks", "GET", checksum_blocks)
-    return app
+        block_size = validate.query_integer(query, "block_size", blkhash.BLOCK_SIZE)
+        blkhash.validate(algorithm, block_size)
+        conn = client(self.service)
+        session = self.service.session(session_id, "read", conn)
+        return web.json_response(
+            self.service.checksum(session, conn, algorithm, block_size))
 
 
-def _flush_param(value):
+class ChecksumBlocks:
+    """/images/{id}/checksum/blocks: the block digests of a window."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def get(self, session_id):
+        query = bottle.request.query
+        algorithm = query.get("algorithm", blkhash.ALGORITHM)
+        block_size = validate.query_integer(query, "block_size", blkhash.BLOCK_SIZE)
+        start = validate.query_integer(query, "start", 0)
+        length = validate.query_integer(query, "length", None)
+        blkhash.validate(algorithm, block_size)
+        blkhash.validate_window(start, block_size)
+        conn = client(self.service)
+        session = self.service.session(session_id, "read", conn)
+        return web.json_response(self.service.checksum_blocks(
+            session, conn, algorithm, block_size, start, length))
+
+
+def algorithms(session_id):
+    """/images/{id}/checksum/algorithms, for any id, as ovirt-imageio serves it."""
+    return web.json_response({"algorithms": blkhash.algorithms()})
+
+
+def _flush_param(query):
+    value = query.get("flush", "y")
     if value not in ("y", "n"):
         raise errors.BadRequest(f"invalid flush: expected y or n, got {value!r:.20}")
     return value == "y"
 
 
-def _int(msg, name, default=...):
-    if name not in msg:
-        if default is ...:
-            raise errors.BadRequest(f"missing {name}")
-        return default
-    value = msg[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise errors.BadRequest(
-            f"invalid {name}: expected a non-negative integer, got {value!r:.40}")
-    return value
+class CorsPlugin:
+    """
+    What a browser needs, on every answer of the images app (errors too).
+
+    The engine's web UI uploads and downloads from the browser straight to
+    the host: answers carry CORS headers (any origin: the session id in
+    the URL is the authorization, not the origin), and `?close=y` closes
+    the connection after the answer, as ovirt-imageio does.
+    """
+
+    name = "imaged-cors"
+    api = 2
+
+    def apply(self, callback, route):
+        def wrapper(*args, **kwargs):
+            response = callback(*args, **kwargs)
+            if isinstance(response, bottle.HTTPResponse):
+                _add_cors(response, bottle.request)
+            return response
+        return wrapper
 
 
-def _bool(msg, name, default):
-    value = msg.get(name, default)
-    if not isinstance(value, bool):
-        raise errors.BadRequest(f"invalid {name}: expected true or false, got {value!r:.40}")
-    return value
-
-
-def _query_int(query, name, default):
-    raw = query.get(name)
-    if raw is None:
-        return default
-    # isdigit() alone takes "²", which int() refuses.
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 20:
-        raise errors.BadRequest(f"invalid {name}: expected a non-negative integer")
-    return int(raw)
+def _add_cors(response, request):
+    environ = request.environ
+    cors = False
+    if environ.get("HTTP_ORIGIN"):
+        response.set_header("Access-Control-Allow-Origin", "*")
+        cors = True
+    if environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"):
+        response.set_header("Access-Control-Allow-Headers", "*")
+        cors = True
+    if environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"):
+        response.set_header("Access-Control-Allow-Methods", "OPTIONS,GET,PUT,PATCH")
+        cors = True
+    if cors:
+        response.set_header("Access-Control-Max-Age", str(CORS_MAX_AGE_S))
+    if request.query.get("close") == "y":
+        response.set_header("Connection", "close")
+        transport.link(environ).close_after_response()

@@ -27,18 +27,23 @@ def session_progress(session):
 def make_app(registry, cfg):
     """The progress app over `registry`."""
     app = web.make_app()
-
-    @web.handles_errors
-    def list_all():
-        return web.json_response(
-            [session_progress(s) for s in registry.sessions()])
-
-    @web.handles_errors
-    def get(session_id):
-        sessions.check_id(session_id)
-        return web.json_response(session_progress(registry.get(session_id)))
-
-    app.route("/progress", "GET", list_all)
-    app.route("/progress/", "GET", list_all)
-    app.route("/progress/<session_id>", "GET", get)
+    res = Progress(registry)
+    app.route("/progress", "GET", res.list_all)
+    app.route("/progress/", "GET", res.list_all)
+    app.route("/progress/<session_id>", "GET", res.get)
     return app
+
+
+class Progress:
+    """/progress and /progress/{id}."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def list_all(self):
+        return web.json_response(
+            [session_progress(s) for s in self.registry.sessions()])
+
+    def get(self, session_id):
+        sessions.check_id(session_id)
+        return web.json_response(session_progress(self.registry.get(session_id)))

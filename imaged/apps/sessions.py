@@ -12,6 +12,7 @@ import bottle
 
 from .. import errors
 from .. import sessions
+from .. import validate
 from .. import web
 
 log = logging.getLogger("sessions")
@@ -22,50 +23,49 @@ PREFIXES = ("/sessions/", "/tickets/")
 def make_app(registry, cfg):
     """The control app over `registry` (an imaged.sessions.Registry)."""
     app = web.make_app()
-    max_body = cfg["sessions"]["max_body_bytes"]
+    res = Sessions(registry, cfg["sessions"]["max_body_bytes"])
+    for prefix in PREFIXES:
+        app.route(prefix + "<session_id>", "PUT", res.put)
+        app.route(prefix + "<session_id>", "GET", res.get)
+        app.route(prefix + "<session_id>", "PATCH", res.patch)
+        app.route(prefix + "<session_id>", "DELETE", res.delete)
+        app.route(prefix, "DELETE", res.delete_all)
+    return app
 
-    @web.handles_errors
-    def put(session_id):
-        sessions.check_id(session_id)
-        body = web.read_json(bottle.request.environ, max_body)
-        spec = sessions.parse_spec(session_id, body)
-        registry.add(spec)
-        return bottle.HTTPResponse(status=200, **{"Content-Length": "0"})
 
-    @web.handles_errors
-    def get(session_id):
-        sessions.check_id(session_id)
-        return web.json_response(registry.get(session_id).info())
+class Sessions:
+    """/sessions/{id} (and /tickets/{id}): one session of the registry."""
 
-    @web.handles_errors
-    def patch(session_id):
+    def __init__(self, registry, max_body_bytes):
+        self.registry = registry
+        self.max_body_bytes = max_body_bytes
+
+    def put(self, session_id):
         sessions.check_id(session_id)
-        body = web.read_json(bottle.request.environ, max_body)
-        if not isinstance(body, dict):
-            raise errors.BadRequest("invalid body: expected a JSON object")
+        body = web.read_json(bottle.request.environ, self.max_body_bytes)
+        self.registry.add(sessions.parse_spec(session_id, body))
+        return web.empty_response()
+
+    def get(self, session_id):
+        sessions.check_id(session_id)
+        return web.json_response(self.registry.get(session_id).info())
+
+    def patch(self, session_id):
+        sessions.check_id(session_id)
+        body = validate.json_object(
+            web.read_json(bottle.request.environ, self.max_body_bytes))
         unknown = set(body) - {"timeout"}
         if unknown:
             raise errors.BadRequest(
                 f"invalid body: unknown field {sorted(unknown)[0]!r}, only timeout may change")
-        timeout = sessions.integer_field(body, "timeout", minval=0)
-        registry.extend(session_id, timeout)
-        return bottle.HTTPResponse(status=200, **{"Content-Length": "0"})
+        self.registry.extend(session_id, validate.integer(body, "timeout"))
+        return web.empty_response()
 
-    @web.handles_errors
-    def delete(session_id):
+    def delete(self, session_id):
         sessions.check_id(session_id)
-        registry.remove(session_id)
-        return bottle.HTTPResponse(status=204)
+        self.registry.remove(session_id)
+        return web.empty_response(204)
 
-    @web.handles_errors
-    def delete_all():
-        registry.remove_all()
-        return bottle.HTTPResponse(status=204)
-
-    for prefix in PREFIXES:
-        app.route(prefix + "<session_id>", "PUT", put)
-        app.route(prefix + "<session_id>", "GET", get)
-        app.route(prefix + "<session_id>", "PATCH", patch)
-        app.route(prefix + "<session_id>", "DELETE", delete)
-        app.route(prefix, "DELETE", delete_all)
-    return app
+    def delete_all(self):
+        self.registry.remove_all()
+        return web.empty_response(204)

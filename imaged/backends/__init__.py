@@ -1,15 +1,34 @@
 """
-Backends: synchronous access to the bytes of an image.
+Backends: synchronous access to the bytes of an image, chosen by URL scheme.
 
-A backend is opened per user of an image (e.g. per connection) with
-open_backend(), and is not safe for concurrent calls from several threads:
-it owns a bounce buffer used for unaligned I/O. Several backends of the same
-image may be used concurrently if they share the same `rmw_lock`.
+A backend is opened per user of an image (e.g. per client connection) with
+open_backend(), and is not safe for concurrent calls from several threads.
+Several backends of the same image may be used concurrently if they share
+the same `rmw_lock`.
 
 Every call blocks; the daemon runs them in a thread pool. Offsets and
 lengths are in bytes and may have any alignment.
 
-Backend interface:
+Adding a backend
+----------------
+Write a class with the interface below and register it for its URL
+schemes with `register(schemes, cls)` at the end of this module. The class
+provides two class methods used before anything is opened:
+
+    check_url(url) -> None
+        Raise errors.BadRequest (naming `url`) unless this backend can
+        open `url`. Called when a session is added, so a malformed url is
+        refused at once instead of on first use.
+
+    open(url, mode, options) -> backend
+        Open the image. `mode` is "r" or "rw"; `options` is an
+        OpenOptions (sparse, direct, rmw_lock, dirty, timeout_s).
+
+Backend interface
+-----------------
+    capabilities -> Capabilities
+        What this open image supports (see Capabilities); may depend on
+        what the storage told the backend when it was opened.
 
     size() -> int
         Current size of the image in bytes.
@@ -30,22 +49,19 @@ Backend interface:
     flush()
         Make written data durable.
 
-    extents(start=0, length=None) -> iterator of Extent
-        Describe the data and zero areas of [start, start + length),
-        clipped to size(). Extents are contiguous and adjacent extents
-        never have the same flags.
+    extents(start=0, length=None, context="zero") -> iterator of Extent
+        Describe [start, start + length), clipped to size(). Extents are
+        contiguous and adjacent extents never have the same flags.
+        `context` is one of capabilities.extents.
 
     close()
         Release the backend; also usable as a context manager.
-
-    Properties: block_size (alignment of direct I/O), direct (O_DIRECT is
-    used), sparse (zero() deallocates).
 
 I/O errors are reported as errors.StorageError.
 """
 
 import urllib.parse
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 from .. import errors
 
@@ -54,55 +70,101 @@ class Extent(NamedTuple):
     """
     A range of the image with uniform allocation.
 
-    `zero` is True if the range reads as zeroes. `hole` is True if reading
-    it would expose a backing image (never for raw files, where holes read
-    as zeroes and are reported with zero=True, hole=False).
+    `zero` is True if the range reads as zeroes. `hole` is True if no layer
+    of the image holds the range, so that reading it would expose a backing
+    image (never for raw files, where holes read as zeroes and are reported
+    with zero=True, hole=False). `dirty` is True in the "dirty" context for
+    ranges changed since the backup bitmap was made.
     """
 
     start: int
     length: int
     zero: bool
     hole: bool = False
-
-    def to_dict(self):
-        """The extent as sent to clients in the extents API."""
-        return {
-            "start": self.start,
-            "length": self.length,
-            "zero": self.zero,
-            "hole": self.hole,
-        }
+    dirty: bool = False
 
 
-def open_backend(url, mode, *, sparse=False, direct=True, rmw_lock=None):
+class Capabilities(NamedTuple):
+    """What an open backend supports; the images service reads it."""
+
+    # Extents contexts it can list: "zero" always, "dirty" for an image
+    # with a dirty bitmap.
+    extents: Tuple[str, ...] = ("zero",)
+    # Most concurrent writers of one image (None: no limit of its own).
+    max_writers: Optional[int] = None
+    # zero() and flush() do what they say (else the service refuses them).
+    zero: bool = True
+    flush: bool = True
+    # zero() can deallocate (a sparse session's zero punches holes).
+    sparse: bool = True
+
+
+class OpenOptions(NamedTuple):
+    """How the images service opens a session's image."""
+
+    # zero() deallocates space instead of keeping it allocated.
+    sparse: bool = False
+    # Use O_DIRECT where the storage supports it (file backend).
+    direct: bool = True
+    # Context manager serializing read-modify-write of partial blocks;
+    # shared by all backends writing the same image.
+    rmw_lock: object = None
+    # The session may list dirty extents.
+    dirty: bool = False
+    # Bound on waiting for a remote server (nbd, http backends).
+    timeout_s: Optional[float] = None
+
+
+# URL scheme -> backend class.
+_BACKENDS = {}
+
+
+def register(schemes, cls):
+    """Serve session urls of `schemes` with backend class `cls`."""
+    for scheme in schemes:
+        _BACKENDS[scheme] = cls
+
+
+def schemes():
+    """The URL schemes sessions may use."""
+    return sorted(_BACKENDS)
+
+
+def _backend_class(url):
+    if not isinstance(url, str):
+        raise errors.BadRequest("invalid url: expected a string")
+    scheme = urllib.parse.urlsplit(url).scheme
+    cls = _BACKENDS.get(scheme)
+    if cls is None:
+        raise errors.BadRequest(
+            f"invalid url: unsupported scheme {scheme!r:.20}, expected one of "
+            f"{', '.join(s + ':' for s in schemes())}")
+    return cls
+
+
+def check_url(url):
+    """Raise BadRequest naming `url` unless a backend can open `url`."""
+    _backend_class(url).check_url(url)
+
+
+def static_capabilities(url):
     """
-    Open the image at the session `url` and return a backend.
-
-    Only "file:///absolute/path" urls are supported; the path may be a
-    regular file or a block device. `mode` is "r" or "rw". The path is used
-    as is, without percent-decoding, like ovirt-imageio.
-
-    sparse: zero() deallocates space instead of keeping it allocated.
-    direct: use O_DIRECT when the file system supports it.
-    rmw_lock: context manager serializing read-modify-write of partial
-        blocks; share it between all backends writing the same image.
+    The capabilities of every image of `url`'s backend, when they are known
+    without opening one (a raw file's are); None otherwise.
     """
+    caps = getattr(_backend_class(url), "capabilities", None)
+    return caps if isinstance(caps, Capabilities) else None
+
+
+def open_backend(url, mode, options=OpenOptions()):
+    """Open the image at the session `url` with the backend of its scheme."""
     if mode not in ("r", "rw"):
         raise errors.BadRequest(f"Invalid mode {mode!r}, expected 'r' or 'rw'")
+    return _backend_class(url).open(url, mode, options)
 
-    if not isinstance(url, str):
-        raise errors.BadRequest("Image url must be a string")
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme != "file":
-        raise errors.Unsupported(
-            f"Unsupported image url scheme {parsed.scheme!r}, "
-            "only 'file' is supported")
-    if parsed.netloc or parsed.query or parsed.fragment \
-            or not parsed.path.startswith("/"):
-        raise errors.BadRequest(
-            "Invalid image url, expected file:///absolute/path")
 
-    # Imported late because file.py imports Extent from this module.
-    from .file import FileBackend
-    return FileBackend(
-        parsed.path, mode, sparse=sparse, direct=direct, rmw_lock=rmw_lock)
+# The backends. Imported here, at the end, because they import Extent and
+# Capabilities from this module.
+from . import file  # noqa: E402
+
+register(("file",), file.FileBackend)

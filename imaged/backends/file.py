@@ -31,9 +31,11 @@ import fcntl
 import os
 import stat
 import struct
+import urllib.parse
 
 from .. import errors
 from .. import util
+from . import Capabilities
 from . import Extent
 
 # fallocate(2) modes from <linux/falloc.h>.
@@ -91,6 +93,32 @@ class FileBackend:
     concurrent calls from several threads; open one backend per user and
     share `rmw_lock` between them.
     """
+
+    # Raw files list zero extents only; any number of writers may share
+    # an image (rmw_lock keeps partial blocks consistent).
+    capabilities = Capabilities(extents=("zero",), max_writers=None,
+                                zero=True, flush=True, sparse=True)
+
+    @classmethod
+    def check_url(cls, url):
+        """Accept file:///absolute/path urls only."""
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme != "file" or parsed.netloc or parsed.query \
+                or parsed.fragment or not parsed.path.startswith("/") \
+                or "\0" in parsed.path:
+            raise errors.BadRequest("invalid url: expected file:///absolute/path")
+        if "%" in parsed.path:
+            # Paths are used as written, like ovirt-imageio: an escape would
+            # mean one thing to a reader and another to the file system.
+            raise errors.BadRequest(
+                "invalid url: percent-encoded paths are not supported")
+
+    @classmethod
+    def open(cls, url, mode, options):
+        """Open the file or block device of a file:/// url."""
+        cls.check_url(url)
+        return cls(urllib.parse.urlsplit(url).path, mode, sparse=options.sparse,
+                   direct=options.direct, rmw_lock=options.rmw_lock)
 
     def __init__(self, path, mode="r", *, sparse=False, direct=True,
                  rmw_lock=None):
@@ -232,7 +260,7 @@ class FileBackend:
             # through the buffered file descriptor.
             os.fsync(self._fd)
 
-    def extents(self, start=0, length=None):
+    def extents(self, start=0, length=None, context="zero"):
         """
         Return an iterator of Extent describing [start, start + length).
 
@@ -241,6 +269,8 @@ class FileBackend:
         extents (zero=True, hole=False), the rest as data. A block device is
         reported as a single data extent.
         """
+        if context != "zero":
+            raise errors.NotFound(f"{context} extents are not available for this image")
         if start < 0 or (length is not None and length < 0):
             raise errors.BadRequest(
                 f"Invalid extents range: start={start} length={length}")

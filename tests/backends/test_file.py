@@ -22,7 +22,7 @@ import pytest
 
 from imaged import errors
 from imaged import util
-from imaged.backends import Extent, open_backend
+from imaged.backends import Extent, OpenOptions, open_backend
 from imaged.backends.file import FileBackend
 
 KiB = 1024
@@ -156,9 +156,9 @@ def test_open_missing(tmp_path):
 
 
 @pytest.mark.parametrize("url,error", [
-    ("nbd://localhost/export", errors.Unsupported),
-    ("http://host/image", errors.Unsupported),
-    ("/var/tmp/image", errors.Unsupported),
+    ("gopher://localhost/export", errors.BadRequest),
+    ("ftp://host/image", errors.BadRequest),
+    ("/var/tmp/image", errors.BadRequest),
     ("file://host/var/tmp/image", errors.BadRequest),
     ("file:relative/image", errors.BadRequest),
     ("file:///var/tmp/image?x=1", errors.BadRequest),
@@ -183,7 +183,7 @@ def test_open_directory(tmp_path):
 def test_open_backend(tmp_path):
     path = tmp_path / "image"
     path.write_bytes(b"x" * 5000)
-    with open_backend(f"file://{path}", "rw", sparse=True) as b:
+    with open_backend(f"file://{path}", "rw", OpenOptions(sparse=True)) as b:
         assert isinstance(b, FileBackend)
         assert b.size() == 5000
         assert b.sparse
@@ -571,9 +571,9 @@ def test_extents_hole_at_end(tmp_path):
     with FileBackend(str(path), "r") as b:
         assert list(b.extents()) == [
             Extent(0, 4096, False), Extent(4096, MiB + 10 - 4096, True)]
-        assert [e.to_dict() for e in b.extents(4000, 200)] == [
-            {"start": 4000, "length": 96, "zero": False, "hole": False},
-            {"start": 4096, "length": 104, "zero": True, "hole": False},
+        assert list(b.extents(4000, 200)) == [
+            Extent(4000, 96, zero=False, hole=False),
+            Extent(4096, 104, zero=True, hole=False),
         ]
 
 

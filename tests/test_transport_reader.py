@@ -1,5 +1,5 @@
 """
-imaged.web pieces that need no server: the blocking body reader that runs
+imaged.transport pieces that need no server: the blocking body reader that runs
 in pool threads, on real socket pairs, plain and TLS (real handshakes).
 """
 
@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from imaged import web
+from imaged import transport as web
 
 
 class Link:
@@ -55,7 +55,7 @@ def link(request):
     else:
         # Like a gevent socket: the file descriptor is non-blocking.
         a.setblocking(False)
-        spin_s = web.BodyReader.UNIX_SPIN_S if request.param == "plain-spin" else 0.0
+        spin_s = web.RequestBody.UNIX_SPIN_S if request.param == "plain-spin" else 0.0
         link = Link(a, b, None, spin_s)
     yield link
     link.server.close()
@@ -193,14 +193,14 @@ def test_recv_spin_gives_way_to_the_timeout(monkeypatch):
 
 
 def body_reader_on(sock):
-    conn = web.Connection(sock)
-    environ = {"wsgi.input": io.BytesIO(), web.CONNECTION_KEY: conn}
-    return web.BodyReader(environ)
+    from imaged import framing
+    return web.RequestBody(web.Link(sock), io.BufferedReader(io.BytesIO()),
+                           framing.Framing(content_length=10), False)
 
 
 def test_body_reader_spins_only_for_local_clients():
     unix_a, unix_b = socket.socketpair(socket.AF_UNIX)
     tcp = socket.socket(socket.AF_INET)
     with unix_a, unix_b, tcp:
-        assert body_reader_on(unix_a)._spin_s == web.BodyReader.UNIX_SPIN_S
+        assert body_reader_on(unix_a)._spin_s == web.RequestBody.UNIX_SPIN_S
         assert body_reader_on(tcp)._spin_s == 0.0
