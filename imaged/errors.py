@@ -1,7 +1,7 @@
 """
 Errors reported to clients.
 
-Plain Python objects raise these; the HTTP layer (imaged.web) maps each class
+Plain Python objects raise these; the HTTP layer (imaged.web.ErrorPlugin) maps each class
 to its status in one place, so no status code is scattered through the logic.
 The message is what the client sees: it must be short, human readable and
 must never contain a session id.
@@ -28,10 +28,6 @@ class Forbidden(Error):
 
 class NotFound(Error):
     status = 404
-
-
-class MethodNotAllowed(Error):
-    status = 405
 
 
 class Conflict(Error):
