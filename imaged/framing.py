@@ -23,9 +23,10 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # A request line: method SP target SP version, single spaces only. pywsgi
 # splits on any Unicode white space, so bytes like \x1e or \x85 would end the
-# path early and change its meaning.
+# path early and change its meaning. A target is visible ASCII: anything
+# else must be percent-encoded (RFC 3986).
 _REQUEST_LINE = re.compile(
-    r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[01])$")
+    r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) (HTTP/1\.[01])$")
 # Content-Length is 1*DIGIT; 19 digits hold any length we can seek to.
 _DIGITS = re.compile(r"^[0-9]{1,19}$")
 

@@ -571,7 +571,10 @@ class Handler(pywsgi.WSGIHandler):
         self.command, self.path, self.request_version = \
             framing.parse_request_line(raw_requestline)
         self.headers = self.MessageClass(self.rfile, 0)
-        if self.headers.status:
+        if self.headers.status or self.headers.defects:
+            # A line the header parser could not take as a header (such as
+            # "Content-Length : 3") ends its headers early; what it dropped
+            # might have framed the body.
             raise framing.FramingError("invalid headers")
         items = self.headers.items()
         if len(items) > 100:
@@ -766,23 +769,30 @@ class Server(pywsgi.WSGIServer):
         # resets a per-read timeout with every byte, so the whole handshake
         # gets one deadline.
         client_socket.settimeout(self.handler_class.idle_timeout_s)
-        deadline = gevent.Timeout(self.handler_class.header_timeout_s)
-        deadline.start()
         try:
-            ssl_socket = self.wrap_socket(client_socket, **self.ssl_args)
-        except gevent.Timeout as t:
-            if t is not deadline:
-                raise
-            log.info("dropping client %s: TLS handshake too slow", _host(address))
-            client_socket.close()
-            return None
+            # Wrapping takes over the file descriptor: from here on only
+            # ssl_socket can close it.
+            ssl_socket = self.wrap_socket(client_socket, do_handshake_on_connect=False,
+                                          **self.ssl_args)
         except (ssl.SSLError, OSError) as e:
-            log.debug("TLS handshake failed: %s", e)
+            log.debug("TLS setup failed: %s", e)
             client_socket.close()
             return None
-        finally:
-            deadline.close()
         with ssl_socket:
+            deadline = gevent.Timeout(self.handler_class.header_timeout_s)
+            deadline.start()
+            try:
+                ssl_socket.do_handshake()
+            except gevent.Timeout as t:
+                if t is not deadline:
+                    raise
+                log.info("dropping client %s: TLS handshake too slow", _host(address))
+                return None
+            except (ssl.SSLError, OSError) as e:
+                log.debug("TLS handshake failed: %s", e)
+                return None
+            finally:
+                deadline.close()
             return self.handle(ssl_socket, address)
 
 
