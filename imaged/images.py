@@ -316,14 +316,20 @@ class Images:
 
     def write_stream(self, session, offset, reader, client, flush, end=None):
         """
-        Write a body of unknown length at `offset`; returns bytes written.
-        Nothing at or past `end` (default: the session size) is written.
+        Write a body of unknown length (chunked); returns bytes written.
+
+        With `end` (from a Content-Range) the body must fill exactly
+        [offset, end), and nothing outside it is written; without, nothing
+        past the session size is.
         """
-        limit = session.size if end is None else min(end, session.size)
-        self.check_range(session, offset, 0)
-        with self.operation(session, "write", offset, 0, client, "rw") as (b, r, op):
-            return ops.write_stream(b, r, op, offset, limit, reader,
-                                    client.buffers(), flush)
+        declared = end is not None
+        if not declared:
+            end = session.size
+        self.check_range(session, offset, end - offset if declared else 0)
+        with self.operation(session, "write", offset, end - offset if declared else 0,
+                            client, "rw") as (b, r, op):
+            return ops.write_stream(b, r, op, offset, end, reader, client.buffers(),
+                                    flush, declared=declared)
 
     def zero(self, session, offset, length, client, flush):
         self.check_range(session, offset, length)

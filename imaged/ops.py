@@ -158,26 +158,41 @@ def write(backend, runner, op, offset, length, reader, buffers, flush):
         _wait_quietly(pending)
 
 
-def write_stream(backend, runner, op, offset, limit, reader, buffers, flush):
+def write_stream(backend, runner, op, offset, end, reader, buffers, flush,
+                 declared=False):
     """
-    Write a body of unknown length (chunked encoding) at `offset`.
+    Write a body of unknown length (chunked encoding) into [offset, end).
 
-    Refuses to write past `limit`. Returns the number of bytes written.
+    `end` is the end of the request's Content-Range when it declared one
+    (`declared`: the body must fill the range exactly), else the end of the
+    image. Nothing past `end` ever reaches the image: each read asks for at
+    most one byte more than fits before `end`, so a body that goes on is
+    caught by the read that gets that byte, before any of it is written.
+    A body shorter than its declared range is refused after writing only
+    what it had (inside the range). Returns the number of bytes written.
     """
     chunk = len(buffers[0])
     pos = offset
     while True:
-        view = buffers[0][:chunk]
+        view = buffers[0][:min(chunk, end - pos + 1)]
         count = reader.readinto(view)
         if not count:
             break
-        if pos + count > limit:
+        if pos + count > end:
+            if declared:
+                raise errors.BadRequest(
+                    f"request body is longer than its Content-Range "
+                    f"({end - offset} bytes)")
             raise errors.RangeNotSatisfiable(
-                f"body goes past the end of the image at {limit}", limit)
+                f"body goes past the end of the image at {end}", end)
         op.check()
         done = runner.run(backend.write, pos, view[:count])
         op.progress(done)
         pos += count
+    if declared and pos < end:
+        raise errors.BadRequest(
+            f"request body ended early: {pos - offset} bytes of the "
+            f"{end - offset} its Content-Range declares")
     op.check()
     if flush:
         runner.run(backend.flush)

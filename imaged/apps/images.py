@@ -119,9 +119,7 @@ class Image:
         reader = transport.body(environ)
         if reader.chunked:
             end = None if last is None else last + 1
-            written = self.service.write_stream(session, offset, reader, conn, flush, end)
-            if last is not None and last != offset + written - 1:
-                raise errors.BadRequest("body length does not match Content-Range")
+            self.service.write_stream(session, offset, reader, conn, flush, end)
             return web.empty_response()
         length = reader.length
         if not environ.get("CONTENT_LENGTH"):
