@@ -12,12 +12,16 @@ Every test talks to a real daemon over real sockets (tests.conftest).
 """
 
 import os
+import socket
+import tempfile
+import time
+import uuid
 
 import pytest
 
 from tests.hardening_helpers import (
-    KiB, connect, digest, read_range, read_response, response_or_none,
-    send_quietly, sparse_file)
+    KiB, MiB, alive, connect, control_request, digest, loop_device, read_range,
+    read_response, request, response_or_none, send_quietly, sparse_file)
 
 PATTERN = b"\xa5"
 
@@ -158,3 +162,97 @@ def test_chunked_put_without_range_stops_at_the_image_end(daemon, tmp_path):
         r = chunked_put(sock, sid, [b"x" * 8192] * 3, query="?flush=n")
     assert r is None or r.status == 416, r
     assert os.path.getsize(path) == size
+
+
+# Item 7: a session on anything but a regular file or a block device.
+
+def add_session_status(daemon, path):
+    """Add a session for `path` over the control socket: (status, text)."""
+    r = control_request(daemon, "PUT", f"/sessions/{uuid.uuid4()}", {
+        "url": f"file://{path}", "size": 4096, "ops": ["read", "write"],
+        "timeout": 60})
+    return r.status, r.text
+
+
+@pytest.fixture
+def special_files(tmp_path):
+    """Paths that are neither regular files nor block devices."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    sock_path = tempfile.mktemp(prefix="imaged-sock-", dir="/tmp")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    link = tmp_path / "fifo-link"
+    os.symlink(fifo, link)
+    yield {"fifo": str(fifo), "directory": str(directory),
+           "char-device": "/dev/null", "socket": sock_path,
+           "symlink-to-fifo": str(link)}
+    listener.close()
+    os.unlink(sock_path)
+
+
+@pytest.mark.parametrize("what", ["fifo", "directory", "char-device", "socket",
+                                  "symlink-to-fifo"])
+def test_session_on_a_special_file_is_refused_at_add(daemon, special_files, what):
+    start = time.monotonic()
+    status, text = add_session_status(daemon, special_files[what])
+    assert status == 400, text
+    assert "url" in text and "not a regular file or block device" in text
+    assert time.monotonic() - start < 5
+
+
+def test_session_on_a_missing_path_is_still_accepted(daemon, tmp_path):
+    # The host agent may add the session before the volume is ready.
+    status, text = add_session_status(daemon, tmp_path / "later.raw")
+    assert status == 200, text
+
+
+def test_fifo_appearing_after_add_never_blocks(daemon, tmp_path):
+    # Accepted while the path does not exist, then a FIFO takes its place:
+    # every request answers at once with an error, DELETE is immediate and
+    # no pool thread is left waiting for a writer.
+    path = tmp_path / "disk.raw"
+    sid = daemon.add_session(str(path), size=64 * KiB)
+    os.mkfifo(path)
+    requests_ = [
+        ("GET", f"/images/{sid}", [], b""),
+        ("GET", f"/images/{sid}", [("Range", "bytes=0-4095")], b""),
+        ("GET", f"/images/{sid}/extents", [], b""),
+        ("GET", f"/images/{sid}/checksum", [], b""),
+        ("PUT", f"/images/{sid}", [], b"x" * 4096),
+        ("PATCH", f"/images/{sid}", [("Content-Type", "application/json")],
+         b'{"op": "zero", "size": 4096}'),
+    ]
+    # More requests than the pool has threads (32): a blocking open would
+    # take them all.
+    for i in range(40):
+        method, target, headers, body = requests_[i % len(requests_)]
+        start = time.monotonic()
+        r = request(daemon, method, target, headers=headers, body=body)
+        assert r is not None and r.status == 400, (method, target, r)
+        assert "Not a regular file or block device" in r.text
+        assert time.monotonic() - start < 5, (method, target)
+    start = time.monotonic()
+    r = control_request(daemon, "DELETE", f"/sessions/{sid}")
+    assert r.status == 204, r
+    assert time.monotonic() - start < 5
+    # Everyone else is served.
+    other = sparse_file(tmp_path / "other.raw", 64 * KiB, [(0, b"other")])
+    other_sid = daemon.add_session(other)
+    r = request(daemon, "GET", f"/images/{other_sid}", [("Range", "bytes=0-4")])
+    assert r.status == 206 and r.body == b"other"
+    assert alive(daemon)
+
+
+def test_block_device_through_a_symlink_is_accepted(daemon, tmp_path):
+    # How Vdsm lays out block volumes: IMAGE/VOLUME -> /dev/dm-N.
+    backing = sparse_file(tmp_path / "backing.raw", MiB, [(0, b"block data")])
+    with loop_device(backing) as dev:
+        link = tmp_path / "volume"
+        os.symlink(dev, link)
+        sid = daemon.add_session(str(link), size=MiB)
+        r = request(daemon, "GET", f"/images/{sid}", [("Range", "bytes=0-9")])
+        assert r.status == 206 and r.body == b"block data"
+        assert control_request(daemon, "DELETE", f"/sessions/{sid}").status == 204

@@ -9,7 +9,9 @@ ovirt-imageio's ticket API work unchanged.
 import logging
 
 import bottle
+import gevent
 
+from .. import backends
 from .. import errors
 from .. import sessions
 from .. import validate
@@ -43,7 +45,10 @@ class Sessions:
     def put(self, session_id):
         sessions.check_id(session_id)
         body = web.read_json(bottle.request.environ, self.max_body_bytes)
-        self.registry.add(sessions.parse_spec(session_id, body))
+        spec = sessions.parse_spec(session_id, body)
+        # A stat() in a pool thread: the image may be on slow storage.
+        gevent.get_hub().threadpool.apply(backends.check_image, (spec["url"],))
+        self.registry.add(spec)
         return web.empty_response()
 
     def get(self, session_id):

@@ -18,7 +18,13 @@ provides two class methods used before anything is opened:
     check_url(url) -> None
         Raise errors.BadRequest (naming `url`) unless this backend can
         open `url`. Called when a session is added, so a malformed url is
-        refused at once instead of on first use.
+        refused at once instead of on first use. Must not block.
+
+    check_image(url) -> None (optional)
+        Raise errors.BadRequest (naming `url`) if what `url` names already
+        exists and cannot be an image (the file backend: a FIFO, socket,
+        character device or directory). May block; called at session add
+        in a pool thread.
 
     open(url, mode, options) -> backend
         Open the image. `mode` is "r" or "rw"; `options` is an
@@ -145,6 +151,18 @@ def _backend_class(url):
 def check_url(url):
     """Raise BadRequest naming `url` unless a backend can open `url`."""
     _backend_class(url).check_url(url)
+
+
+def check_image(url):
+    """
+    Check what can be checked of the image at `url` without opening it,
+    when a session is added: BadRequest naming `url` if it cannot be one
+    (a file url naming a FIFO). May block (a stat() on slow storage): run
+    it in a pool thread.
+    """
+    check = getattr(_backend_class(url), "check_image", None)
+    if check is not None:
+        check(url)
 
 
 def static_capabilities(url):

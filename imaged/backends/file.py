@@ -114,6 +114,19 @@ class FileBackend:
                 "invalid url: percent-encoded paths are not supported")
 
     @classmethod
+    def check_image(cls, url):
+        """
+        Refuse at session add a url naming an existing path that is not a
+        regular file or a block device (see check_path); a path that does
+        not exist yet is fine. Blocking: a stat().
+        """
+        try:
+            check_path(urllib.parse.urlsplit(url).path)
+        except errors.BadRequest:
+            raise errors.BadRequest(
+                "invalid url: not a regular file or block device") from None
+
+    @classmethod
     def open(cls, url, mode, options):
         """Open the file or block device of a file:/// url."""
         cls.check_url(url)
@@ -137,24 +150,33 @@ class FileBackend:
         # Zeroing methods the storage rejected, not to retry on every call.
         self._unsupported = set()
 
+        # Refused before it is opened: opening a FIFO for reading blocks
+        # until a writer comes, and opening a device may have side effects.
+        check_path(path)
         self._fd, self._direct = self._open(direct)
         try:
-            st_mode = os.fstat(self._fd).st_mode
+            # What was opened decides (the path may have changed meanwhile).
+            st_mode = _check_type(os.fstat(self._fd).st_mode, path)
+            # Opened non-blocking (see _open); I/O on the image blocks.
+            fcntl.fcntl(self._fd, fcntl.F_SETFL,
+                        fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             if stat.S_ISBLK(st_mode):
                 self._is_device = True
                 self._block_size = _logical_block_size(self._fd)
-            elif stat.S_ISREG(st_mode):
+            else:
                 self._is_device = False
                 self._block_size = FILE_BLOCK_SIZE
-            else:
-                raise errors.BadRequest(
-                    f"Not a regular file or block device: {path}")
         except BaseException:
             self.close()
             raise
 
     def _open(self, direct):
-        flags = (os.O_RDWR if self._writable else os.O_RDONLY) | os.O_CLOEXEC
+        # O_NONBLOCK: if the path became a FIFO after check_path(), the open
+        # returns at once instead of holding a pool thread until a writer
+        # appears (issue 14 item 7); the type is checked on the open fd.
+        # O_NOCTTY: a terminal never becomes the daemon's.
+        flags = (os.O_RDWR if self._writable else os.O_RDONLY) | os.O_CLOEXEC \
+            | os.O_NONBLOCK | os.O_NOCTTY
         try:
             if direct:
                 try:
@@ -513,6 +535,29 @@ class FileBackend:
 
 
 # Helpers
+
+def check_path(path):
+    """
+    Raise errors.BadRequest if `path` exists and is not a regular file or
+    a block device (a FIFO, a socket, a character device, a directory).
+
+    Follows symlinks (block volumes are symlinks to /dev/dm-N). A path that
+    does not exist, or cannot be looked at, passes: opening it reports why.
+    Never opens the path, so it never blocks on a FIFO.
+    """
+    try:
+        st_mode = os.stat(path).st_mode
+    except OSError:
+        return
+    _check_type(st_mode, path)
+
+
+def _check_type(st_mode, path):
+    if not (stat.S_ISREG(st_mode) or stat.S_ISBLK(st_mode)):
+        raise errors.BadRequest(
+            f"Not a regular file or block device: {path}")
+    return st_mode
+
 
 def _byte_view(buf):
     mv = memoryview(buf)

@@ -180,6 +180,47 @@ def test_open_directory(tmp_path):
         open_backend(f"file://{tmp_path}", "r")
 
 
+@pytest.mark.parametrize("checked", [True, False], ids=["checked", "swapped-in"])
+@pytest.mark.parametrize("mode", ["r", "rw"])
+def test_open_fifo_never_blocks(tmp_path, monkeypatch, checked, mode):
+    # Opening a FIFO for reading blocks until a writer comes. It is refused
+    # before the open; and if it replaced the image after that check
+    # ("swapped-in": the check does not see it), the open does not block
+    # and the type of what was opened is refused.
+    from imaged.backends import file as file_backend
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    if not checked:
+        monkeypatch.setattr(file_backend, "check_path", lambda path: None)
+    result = {}
+
+    def open_it():
+        try:
+            FileBackend(str(fifo), mode).close()
+            result["opened"] = True
+        except errors.BadRequest as e:
+            result["error"] = str(e)
+
+    t = threading.Thread(target=open_it, daemon=True)
+    t.start()
+    t.join(5)
+    blocked = t.is_alive()
+    if blocked:
+        # Let it go: a writer (O_RDWR never blocks on a FIFO).
+        os.close(os.open(fifo, os.O_RDWR))
+        t.join(5)
+    assert not blocked, "opening a FIFO blocked"
+    assert "Not a regular file or block device" in result.get("error", ""), result
+
+
+def test_opened_image_is_blocking(tmp_path):
+    path = tmp_path / "image"
+    path.write_bytes(b"x" * 8192)
+    import fcntl
+    with FileBackend(str(path), "rw") as b:
+        assert not fcntl.fcntl(b.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+
+
 def test_open_backend(tmp_path):
     path = tmp_path / "image"
     path.write_bytes(b"x" * 5000)
