@@ -7,7 +7,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv sysdeps packaging-deps deb rpm bench bench-smoke clean
+.PHONY: run test venv venv-nbd sysdeps packaging-deps deb rpm bench bench-smoke clean
 
 $(STAMP): requirements.txt requirements-test.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -16,16 +16,39 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 	$(VPY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-venv: $(STAMP)
+venv: $(STAMP) venv-nbd
+
+# libnbd's Python bindings (the NBD backend) exist only as a distribution
+# package, python3-libnbd, installed for the system python. The venv sees
+# that one module and nothing else of dist-packages: links to nbd.py and its
+# C extension in a directory of their own, put on the venv's path by a .pth
+# file. The extension is built for the system python's version: a venv of
+# another version cannot load it and NBD sessions then answer 500 (tests
+# needing it skip). Re-run after installing python3-libnbd.
+SYSTEM_PYTHON ?= /usr/bin/python3
+NBD_DIR := $(abspath $(VENV))/system-nbd
+venv-nbd: $(STAMP)
+	@files=$$($(SYSTEM_PYTHON) -c 'import nbd, libnbdmod; print(nbd.__file__, libnbdmod.__file__)' 2>/dev/null); \
+	if [ -z "$$files" ]; then echo "warning: python3-libnbd is not installed (make sysdeps); NBD tests will skip"; exit 0; fi; \
+	mkdir -p $(NBD_DIR) && ln -sf $$files $(NBD_DIR)/ && \
+	site=$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	echo "$(NBD_DIR)" > $$site/system-nbd.pth && \
+	$(VPY) -c 'import nbd' 2>/dev/null || echo "warning: the venv's python cannot load the system's libnbd bindings (another Python version?); NBD tests will skip"
 
 # Tools the end-to-end tests drive (curl as a real client, openssl for test
 # certificates; losetup, mkfs.ext4 and dmsetup for the disk fault tests;
 # qemu-img and qemu-nbd for ovirt-imageio's upload/download in the
-# compatibility tests), as tool:package. Installed with apt when missing and
-# we may; otherwise the tests needing them skip and say why.
-SYSDEPS := curl:curl openssl:openssl losetup:mount mkfs.ext4:e2fsprogs dmsetup:dmsetup qemu-nbd:qemu-utils
+# compatibility tests and the NBD exports of the NBD backend tests, qemu-io
+# to write into them, nbdinfo to look at them, nbdkit for exports qemu-nbd
+# cannot make: without multi-conn), as tool:package; and Python
+# modules of the system python as module:package (python3-libnbd: the NBD
+# backend, see venv-nbd). Installed with apt when missing and we may;
+# otherwise the tests needing them skip and say why.
+SYSDEPS := curl:curl openssl:openssl losetup:mount mkfs.ext4:e2fsprogs dmsetup:dmsetup qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdkit:nbdkit
+SYSPYDEPS := nbd:python3-libnbd
 sysdeps:
 	@missing=""; for tp in $(SYSDEPS); do command -v $${tp%%:*} >/dev/null || missing="$$missing $${tp#*:}"; done; \
+	for mp in $(SYSPYDEPS); do $(SYSTEM_PYTHON) -c "import $${mp%%:*}" 2>/dev/null || missing="$$missing $${mp#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -37,7 +60,7 @@ sysdeps:
 # tests run the packaged code on the system python as a host does. Installed
 # with apt when missing and we may; otherwise the tests needing them skip.
 PACKAGING_DEPS := debhelper dh-python python3-all python3-setuptools lintian \
-	rpm cpio systemd python3-gevent python3-bottle python3-yaml
+	rpm cpio systemd python3-gevent python3-bottle python3-yaml python3-libnbd
 
 packaging-deps:
 	@command -v dpkg-query >/dev/null || exit 0; \
@@ -60,20 +83,20 @@ rpm: packaging-deps
 	packaging/build.sh rpm dist
 
 # Start the daemon in lab mode (self-signed certificate, local sockets).
-run: $(STAMP)
+run: $(STAMP) venv-nbd
 	$(VPY) -m imaged.lab
 
 # The whole test suite.
-test: $(STAMP) sysdeps packaging-deps
+test: $(STAMP) sysdeps packaging-deps venv-nbd
 	$(VPY) -m pytest -q tests
 
 # Benchmarks side by side with nginx and ovirt-imageio (docs/benchmarks.md).
 # Not part of `make test`, which runs only the smoke mode (tests/test_bench_smoke.py).
 # Extra options: make bench BENCH_ARGS="--reps 3 --keep"
-bench: $(STAMP)
+bench: $(STAMP) venv-nbd
 	$(VPY) bench/bench.py $(BENCH_ARGS)
 
-bench-smoke: $(STAMP)
+bench-smoke: $(STAMP) venv-nbd
 	$(VPY) bench/bench.py --smoke $(BENCH_ARGS)
 
 clean:

@@ -103,6 +103,10 @@ class Capabilities(NamedTuple):
     flush: bool = True
     # zero() can deallocate (a sparse session's zero punches holes).
     sparse: bool = True
+    # The image's size is fixed while it is open, and a session larger
+    # than it is refused when used (NBD exports). Files may grow or shrink
+    # under a session: reading past their end fails when it happens.
+    fixed_size: bool = False
 
 
 class OpenOptions(NamedTuple):
@@ -184,5 +188,8 @@ def open_backend(url, mode, options=OpenOptions()):
 # The backends. Imported here, at the end, because they import Extent and
 # Capabilities from this module.
 from . import file  # noqa: E402
+from . import nbd  # noqa: E402
 
 register(("file",), file.FileBackend)
+# nbd:unix:/sock, nbd:HOST:PORT, nbd://HOST:PORT/NAME; nbd+unix:///NAME?socket=
+register(("nbd", "nbd+unix"), nbd.NbdBackend)

@@ -162,7 +162,7 @@ def test_deb_control(deb):
     depends = deb_field(deb, "Depends")
     # Runtime libraries from Debian, and systemd-sysusers for the user.
     for dep in ("python3-gevent", "python3-bottle", "python3-yaml",
-                "systemd-sysusers", "python3:any"):
+                "python3-libnbd", "systemd-sysusers", "python3:any"):
         assert dep in depends, depends
 
 
@@ -360,7 +360,8 @@ def test_rpm_header(rpm):
     assert rpm_query(rpm, "--qf", "%{NAME} %{VERSION} %{ARCH}") \
         == f"imaged {VERSION} noarch"
     requires = rpm_query(rpm, "--requires")
-    for dep in ("python3-gevent", "python3-bottle", "python3-pyyaml"):
+    for dep in ("python3-gevent", "python3-bottle", "python3-pyyaml",
+                "python3-libnbd"):
         assert dep in requires, requires
 
 

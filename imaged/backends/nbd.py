@@ -1,0 +1,550 @@
+"""
+NbdBackend: images exported by an NBD server (qemu-nbd, qemu-storage-daemon).
+
+The host agent exposes a disk in any qemu format (qcow2 with its backing
+chain, a thin volume, a snapshot) with an NBD server and gives imaged an NBD
+URL (see imaged.backends.nbdurl); clients see the guest-visible raw bytes.
+One backend is one NBD connection, made with libnbd's Python bindings (the
+NBD client of the qemu and libguestfs projects); the images service keeps
+it open for the life of the client connection.
+
+Blocking and timeouts
+---------------------
+Every call blocks and runs in a pool thread. Calls are made with libnbd's
+asynchronous API and waited for with `poll()` against a deadline, so a
+server that stops answering (a stopped qemu-nbd, a blackholed TCP host)
+fails the call after `timeout_s` instead of holding the thread forever;
+libnbd releases the GIL while it polls. The connection is then dropped.
+A server that dies closes the socket and fails the call at once.
+
+After a lost connection the next call connects again. If writes were
+acknowledged on the lost connection but not flushed, the next flush()
+fails: the server may have lost them, and a client must not be told they
+are safe.
+
+Pipelining
+----------
+A read or write is sent as pieces of REQUEST_BYTES, all in flight at once,
+so qemu-nbd works on several of them in parallel (it serves up to 16
+requests of a connection concurrently) while the next one crosses the
+socket; see docs/benchmarks.md for the measured effect.
+
+Extents
+-------
+`context="zero"` merges `base:allocation` (bit 2: reads as zeroes) with
+`qemu:allocation-depth` (0: no layer of the exported chain holds the range,
+reported as hole=True); `context="dirty"` merges `base:allocation` with the
+export's `qemu:dirty-bitmap:NAME` (bit 1: changed since the bitmap was
+created). Block status is asked for in steps of EXTENTS_STEP_BYTES (the
+protocol's lengths are 32 bits and servers may refuse 4 GiB or more); the
+server may answer less than a step, and the contexts may end at different
+offsets, so each step advances by what every context covered.
+"""
+
+import contextlib
+import errno
+import logging
+import time
+
+from .. import errors
+from . import Capabilities, Extent
+from . import nbdurl
+
+try:
+    import nbd as libnbd
+except ImportError:     # pragma: no cover - depends on the host
+    libnbd = None
+
+log = logging.getLogger("backends.nbd")
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+# Size of each NBD read or write request; a larger read or write is sent as
+# several requests at once. See the module docstring.
+REQUEST_BYTES = 2 * MiB
+
+# Block status requests cover at most this much: lengths are 32 bits and
+# some servers refuse 4 GiB or more.
+EXTENTS_STEP_BYTES = 2 * GiB
+
+# Zero requests are at most this long: qemu-nbd takes up to 2 GiB - 512,
+# and a huge zero would delay the connection's other requests.
+ZERO_STEP_BYTES = 1 * GiB
+
+# Seconds an NBD request (or connecting) may take before it fails, when
+# the opener gives no timeout (the images service gives the session's
+# inactivity timeout).
+DEFAULT_TIMEOUT_S = 60.0
+
+ALLOCATION = "base:allocation"
+DEPTH = "qemu:allocation-depth"
+DIRTY_PREFIX = "qemu:dirty-bitmap:"
+
+# base:allocation flags (NBD protocol).
+STATE_HOLE = 1
+STATE_ZERO = 2
+# qemu:dirty-bitmap:NAME flags.
+STATE_DIRTY = 1
+
+
+class Timeout(Exception):
+    """The NBD server did not answer in time."""
+
+
+class NbdBackend:
+    """
+    One connection to an NBD export; see imaged.backends for the interface.
+
+    address: an nbdurl.Address. mode: "r" or "rw". sparse: zero() may
+    deallocate. dirty: negotiate the export's dirty bitmap, for
+    extents(context="dirty"). timeout_s: how long one request may take.
+    """
+
+    direct = False
+    # NBD servers take any offset and length (qemu reports a minimum block
+    # size of 1).
+    block_size = 1
+
+    # No class attribute `capabilities`: they depend on the export (an
+    # instance attribute, set when connected).
+
+    @classmethod
+    def check_url(cls, url):
+        """Raise BadRequest naming `url` unless it is an NBD URL we take."""
+        try:
+            nbdurl.parse(url)
+        except nbdurl.InvalidURL as e:
+            raise errors.BadRequest(f"invalid url: {e}") from None
+
+    @classmethod
+    def open(cls, url, mode, options):
+        """Connect to the export of an NBD url (see imaged.backends.nbdurl)."""
+        try:
+            address = nbdurl.parse(url)
+        except nbdurl.InvalidURL as e:
+            raise errors.BadRequest(f"invalid url: {e}") from None
+        timeout_s = options.timeout_s or DEFAULT_TIMEOUT_S
+        return cls(address, mode, sparse=options.sparse, dirty=options.dirty,
+                   timeout_s=timeout_s)
+
+    def __init__(self, address, mode="r", *, sparse=False, dirty=False,
+                 timeout_s=DEFAULT_TIMEOUT_S):
+        if mode not in ("r", "rw"):
+            raise errors.BadRequest(f"Invalid mode {mode!r}, expected 'r' or 'rw'")
+        if libnbd is None:
+            raise errors.ServerError(
+                "NBD images need libnbd's Python bindings (python3-libnbd), "
+                "which are not installed")
+        self._address = address
+        self._writable = mode == "rw"
+        self.sparse = sparse
+        self._dirty = dirty
+        self._timeout_s = timeout_s
+        self._h = None
+        # Writes acknowledged since the last flush, and whether such writes
+        # were on a connection that was lost (see the module docstring).
+        self._unflushed = False
+        self._lost_writes = False
+        self._no_fast_zero = False
+        self._h = self._connect()
+
+    # Connecting
+
+    def _connect(self):
+        h = libnbd.NBD()
+        # libnbd zeroes each read buffer before reading into it unless told
+        # not to: 8 MiB of memset per chunk for nothing, as a failed read's
+        # buffer is never sent.
+        h.set_pread_initialize(False)
+        h.set_export_name(self._address.export)
+        if self._dirty:
+            # The bitmap's name is the host agent's choice: ask the server
+            # which ones the export has, then pick them.
+            h.set_opt_mode(True)
+            h.add_meta_context(DIRTY_PREFIX)
+        else:
+            h.add_meta_context(ALLOCATION)
+            h.add_meta_context(DEPTH)
+        bitmap = None
+        try:
+            with self._deadline("connect") as wait:
+                if self._address.transport == "unix":
+                    h.aio_connect_unix(self._address.path)
+                else:
+                    h.aio_connect_tcp(self._address.host, str(self._address.port))
+                if self._dirty:
+                    wait(h, h.aio_is_negotiating)
+                    names = []
+                    done = []
+                    h.aio_opt_list_meta_context(
+                        lambda name: names.append(name) or 0,
+                        lambda err: done.append(err.value) or 0)
+                    wait(h, lambda: bool(done))
+                    h.clear_meta_contexts()
+                    h.add_meta_context(ALLOCATION)
+                    h.add_meta_context(DEPTH)
+                    bitmaps = sorted(n for n in names if n.startswith(DIRTY_PREFIX))
+                    if len(bitmaps) > 1:
+                        log.warning("NBD %s has %d dirty bitmaps, using %s",
+                                    self._address, len(bitmaps), bitmaps[0])
+                    if bitmaps:
+                        bitmap = bitmaps[0]
+                        h.add_meta_context(bitmap)
+                    h.aio_opt_go()
+                wait(h, h.aio_is_ready)
+        except (libnbd.Error, Timeout) as e:
+            raise errors.StorageError(
+                f"Cannot connect to NBD server {self._address}: {_describe(e)}") from None
+        self._size = h.get_size()
+        if self._writable and h.is_read_only():
+            raise errors.Forbidden(f"NBD export {self._address} is read-only")
+        self._max_request = min(REQUEST_BYTES, _max_block(h))
+        self._bitmap = bitmap if bitmap and h.can_meta_context(bitmap) else None
+        # Known from the handshake; kept after a lost connection, so that
+        # asking never connects (the service asks in the event loop).
+        extents = ("zero", "dirty") if self._bitmap else ("zero",)
+        # Without multi-conn, a flush on one connection need not cover the
+        # writes of another: one writer only.
+        # zero() writes zeroes where the server cannot zero; flush() is a
+        # no-op where the server has no cache to flush.
+        self.capabilities = Capabilities(
+            extents=extents, max_writers=None if h.can_multi_conn() else 1,
+            zero=True, flush=True, sparse=True, fixed_size=True)
+        log.debug("connected to NBD %s: size=%d multi_conn=%s depth=%s bitmap=%s",
+                  self._address, self._size, h.can_multi_conn(),
+                  h.can_meta_context(DEPTH), self._bitmap)
+        return h
+
+    def _handle(self):
+        if self._h is None:
+            self._h = self._connect()
+        return self._h
+
+    # Properties
+
+    @property
+    def address(self):
+        return self._address
+
+    # Backend interface
+
+    def size(self):
+        """The export size in bytes, as the server said when connecting."""
+        return self._size
+
+    def readinto(self, offset, buf):
+        """Read len(buf) bytes at `offset`; fewer only at the end of the export."""
+        if offset < 0:
+            raise errors.BadRequest(f"Invalid offset {offset}")
+        mv = _byte_view(buf)
+        h = self._handle()
+        count = max(0, min(len(mv), self._size - offset))
+        if count:
+            with self._reporting("read", offset):
+                self._pipelined(h, h.aio_pread, mv[:count], offset)
+        return count
+
+    def write(self, offset, buf):
+        """Write all of `buf` at `offset`; never past the end of the export."""
+        self._check_writable()
+        mv = _byte_view(buf)
+        h = self._handle()
+        self._check_range(offset, len(mv))
+        if len(mv):
+            with self._reporting("write", offset):
+                self._unflushed = True
+                self._pipelined(h, h.aio_pwrite, mv, offset)
+        return len(mv)
+
+    def zero(self, offset, length):
+        """
+        Make [offset, offset + length) read as zeroes with WRITE_ZEROES.
+
+        Only a sparse backend lets the server deallocate (punch holes);
+        otherwise NO_HOLE keeps the space allocated. Where the server
+        offers fast zero, it is asked first, falling back to a plain zero
+        the first time the server says it cannot zero fast.
+        """
+        self._check_writable()
+        h = self._handle()
+        self._check_range(offset, length)
+        with self._reporting("zero", offset):
+            self._unflushed = True
+            if not h.can_zero():
+                self._write_zeroes(h, offset, length)
+                return
+            flags = 0 if self.sparse else libnbd.CMD_FLAG_NO_HOLE
+            pos, end = offset, offset + length
+            while pos < end:
+                step = min(ZERO_STEP_BYTES, end - pos)
+                self._zero_step(h, pos, step, flags)
+                pos += step
+
+    def flush(self):
+        """Make written data durable (NBD FLUSH)."""
+        if self._lost_writes:
+            self._lost_writes = False
+            raise errors.StorageError(
+                "the NBD connection was lost before a flush: "
+                "writes since the last flush may be lost")
+        h = self._handle()
+        if not h.can_flush():
+            return
+        with self._reporting("flush", 0):
+            self._wait(h, h.aio_flush())
+        self._unflushed = False
+
+    def extents(self, start=0, length=None, context="zero"):
+        """
+        Return an iterator of Extent describing [start, start + length).
+
+        context="zero": zero from base:allocation, hole where
+        qemu:allocation-depth is 0. context="dirty": dirty from the
+        export's dirty bitmap, zero from base:allocation; raises NotFound
+        when the export has no bitmap (or dirty was not asked for).
+        """
+        if start < 0 or (length is not None and length < 0):
+            raise errors.BadRequest(
+                f"Invalid extents range: start={start} length={length}")
+        h = self._handle()
+        end = self._size if length is None else min(start + length, self._size)
+        if context == "dirty":
+            if self._bitmap is None:
+                raise errors.NotFound(
+                    "dirty extents are not available: the NBD export has no "
+                    "dirty bitmap" if self._dirty else
+                    "dirty extents are not available for this session")
+            contexts = (ALLOCATION, self._bitmap)
+        elif context == "zero":
+            contexts = tuple(c for c in (ALLOCATION, DEPTH) if h.can_meta_context(c))
+        else:
+            raise errors.BadRequest(f"Invalid extents context {context!r}")
+        if start >= end:
+            return iter(())
+        if not contexts:
+            # The server tells nothing: everything is data, which is true.
+            return iter((Extent(start, end - start, False),))
+        return _merged(self._block_status(h, start, end, contexts, context))
+
+    def close(self):
+        """Disconnect from the server. Safe to call more than once."""
+        h, self._h = self._h, None
+        if h is None:
+            return
+        try:
+            if h.aio_is_ready():
+                # A polite NBD_CMD_DISC; the server may still be busy.
+                h.aio_disconnect()
+                with self._deadline("disconnect", min(self._timeout_s, 5)) as wait:
+                    wait(h, h.aio_is_closed)
+        except (libnbd.Error, Timeout):
+            pass
+        # Dropping the last reference closes the socket (libnbd's close).
+        del h
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # Requests
+
+    def _pipelined(self, h, start, mv, offset):
+        """Send [offset, offset + len(mv)) as requests all in flight at once."""
+        step = self._max_request
+        cookies = []
+        try:
+            for pos in range(0, len(mv), step):
+                cookies.append(start(mv[pos:pos + step], offset + pos))
+        finally:
+            # Every request in flight writes into (or reads from) `mv`: all
+            # must be done before the caller gets its buffer back, whatever
+            # happened.
+            self._wait(h, *cookies)
+
+    def _wait(self, h, *cookies):
+        first = None
+        with self._deadline("request") as wait:
+            for cookie in cookies:
+                try:
+                    wait(h, lambda: h.aio_command_completed(cookie))
+                except libnbd.Error as e:
+                    if first is None:
+                        first = e
+                    if h.aio_is_dead() or h.aio_is_closed():
+                        break
+        if first is not None:
+            raise first
+
+    @contextlib.contextmanager
+    def _deadline(self, what, timeout_s=None):
+        """Yields wait(h, done): poll `h` until done() is true, or Timeout."""
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+
+        def wait(h, done):
+            while not done():
+                if h.aio_is_dead() or h.aio_is_closed():
+                    raise libnbd.Error("the NBD connection is closed", errno.ENOTCONN)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(f"no answer to {what} within {timeout_s:g} s")
+                h.poll(max(1, int(remaining * 1000)))
+
+        yield wait
+
+    def _zero_step(self, h, offset, length, flags):
+        if not self._no_fast_zero and h.can_fast_zero():
+            try:
+                self._wait(h, h.aio_zero(length, offset, None,
+                                         flags | libnbd.CMD_FLAG_FAST_ZERO))
+                return
+            except libnbd.Error as e:
+                if e.errnum != errno.ENOTSUP and e.errnum != errno.EOPNOTSUPP:
+                    raise
+                # Zeroing here is no faster than writing zeroes; the plain
+                # zero below does that, and we stop asking.
+                self._no_fast_zero = True
+        self._wait(h, h.aio_zero(length, offset, None, flags))
+
+    def _write_zeroes(self, h, offset, length):
+        zeroes = memoryview(bytearray(min(length, self._max_request)))
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(len(zeroes), end - pos)
+            self._pipelined(h, h.aio_pwrite, zeroes[:n], pos)
+            pos += n
+
+    def _block_status(self, h, start, end, contexts, context):
+        pos = start
+        while pos < end:
+            step = min(EXTENTS_STEP_BYTES, end - pos)
+            got = {name: [] for name in contexts}
+
+            def collect(metacontext, offset, entries, err):
+                if metacontext in got and offset == pos:
+                    got[metacontext].extend(entries)
+                return 0
+
+            with self._reporting("block status", pos):
+                self._wait(h, h.aio_block_status(step, pos, collect))
+            lists = []
+            for name in contexts:
+                entries = got[name]
+                if not entries:
+                    raise errors.StorageError(
+                        f"NBD server sent no {name} extents at offset {pos}")
+                lists.append([(entries[i], entries[i + 1])
+                              for i in range(0, len(entries) - 1, 2)])
+            covered = min(end - pos, *(sum(n for n, _ in lst) for lst in lists))
+            for ext_start, ext_len, flags in _overlay(pos, covered, lists):
+                yield _extent(ext_start, ext_len, flags, context)
+            pos += covered
+
+    # Checks and errors
+
+    def _check_writable(self):
+        if not self._writable:
+            raise errors.Forbidden("Image is opened read-only")
+
+    def _check_range(self, offset, length):
+        if offset < 0 or length < 0:
+            raise errors.BadRequest(
+                f"Invalid range: offset={offset} length={length}")
+        if offset + length > self._size:
+            raise errors.RangeNotSatisfiable(
+                f"Range {offset}-{offset + length} is after the end of "
+                f"the image ({self._size} bytes)", size=self._size)
+
+    @contextlib.contextmanager
+    def _reporting(self, op, offset):
+        """Turn libnbd errors and timeouts into errors.StorageError."""
+        try:
+            yield
+        except (libnbd.Error, Timeout) as e:
+            h = self._h
+            if isinstance(e, Timeout) or h is None or h.aio_is_dead() \
+                    or h.aio_is_closed():
+                self._drop()
+            raise errors.StorageError(
+                f"NBD {op} failed at offset {offset}: {_describe(e)}") from None
+
+    def _drop(self):
+        """Forget a dead or stuck connection; the next call connects again."""
+        h, self._h = self._h, None
+        if self._unflushed:
+            self._lost_writes = True
+            self._unflushed = False
+        log.warning("NBD connection to %s lost%s", self._address,
+                    ", with unflushed writes" if self._lost_writes else "")
+        del h
+
+
+# Helpers
+
+def _max_block(h):
+    try:
+        size = h.get_block_size(libnbd.SIZE_MAXIMUM)
+    except libnbd.Error:
+        size = 0
+    # 0: the server did not say; 32 MiB is what the protocol lets clients
+    # assume.
+    return size or 32 * MiB
+
+
+def _overlay(start, length, lists):
+    """
+    Yield (start, length, [flags of each list]) over [start, start + length),
+    splitting where any list's extent ends.
+    """
+    iters = [iter(lst) for lst in lists]
+    cur = [next(it) for it in iters]
+    left = [n for n, _ in cur]
+    pos, end = start, start + length
+    while pos < end:
+        n = min(min(left), end - pos)
+        yield pos, n, [f for _, f in cur]
+        pos += n
+        if pos >= end:
+            break
+        for i, it in enumerate(iters):
+            left[i] -= n
+            if left[i] == 0:
+                cur[i] = next(it)
+                left[i] = cur[i][0]
+
+
+def _extent(start, length, flags, context):
+    zero = bool(flags[0] & STATE_ZERO)
+    if context == "dirty":
+        return Extent(start, length, zero, False, bool(flags[1] & STATE_DIRTY))
+    hole = len(flags) > 1 and flags[1] == 0
+    return Extent(start, length, zero, hole)
+
+
+def _merged(extents):
+    current = None
+    for ext in extents:
+        if current is not None and (current.zero, current.hole, current.dirty) \
+                == (ext.zero, ext.hole, ext.dirty):
+            current = current._replace(length=current.length + ext.length)
+        else:
+            if current is not None:
+                yield current
+            current = ext
+    if current is not None:
+        yield current
+
+
+def _byte_view(buf):
+    mv = memoryview(buf)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+def _describe(e):
+    if isinstance(e, Timeout):
+        return str(e)
+    return e.string if hasattr(e, "string") else str(e)
