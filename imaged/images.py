@@ -236,6 +236,11 @@ class Images:
             dirty=session.spec.get("dirty", False),
             timeout_s=session.inactivity_timeout or self.inactivity_timeout_s)
         backend = backends.open_backend(session.url, mode, options)
+        if backend.capabilities.fixed_size and backend.size() < session.size:
+            size = backend.size()
+            backend.close()
+            raise errors.BadRequest(
+                f"session size {session.size} exceeds the image size {size}")
         if self.allowed_dirs and hasattr(backend, "fileno"):
             # Check what was opened, not the name: no symlink, "..", or
             # rename between a check and the open can lead elsewhere.
@@ -355,6 +360,10 @@ class Images:
         self.check_range(session, start, min(length, session.size - start))
         with self.operation(session, "extents", start, 0, client) as (b, r, op):
             if context not in b.capabilities.extents:
+                if context == "dirty" and not session.spec.get("dirty"):
+                    raise errors.NotFound(
+                        "dirty extents are not available: the session was not "
+                        "added with dirty=true")
                 raise errors.NotFound(
                     f"{context} extents are not available for this session")
             return ops.extents(b, r, session.size, start, length, context)

@@ -33,7 +33,7 @@ OPS = ("read", "write")
 
 # Fields the engine gives; everything else in a session is state.
 _SPEC_FIELDS = ("uuid", "url", "size", "ops", "timeout", "sparse",
-                "inactivity_timeout", "transfer_id")
+                "inactivity_timeout", "transfer_id", "dirty")
 
 # Session ids go into URLs as the last path component.
 _ID_RE = re.compile(r"^[A-Za-z0-9._~-]{1,128}$")
@@ -83,6 +83,8 @@ def parse_spec(session_id, body):
     spec["ops"] = _ops(body)
     spec["timeout"] = validate.integer(body, "timeout")
     spec["sparse"] = validate.boolean(body, "sparse", default=False)
+    # The session may list dirty extents (incremental backup, SPEC 8).
+    spec["dirty"] = validate.boolean(body, "dirty", default=False)
     # A socket cannot wait longer than MAX_TIMEOUT_S: refuse what the
     # daemon could not honour instead of failing on the first upload.
     spec["inactivity_timeout"] = validate.integer(
