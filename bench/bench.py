@@ -125,6 +125,12 @@ TARGETS = [
     ("unix-get", "ovirt-imageio", 1.5),
     ("unix-put", "ovirt-imageio", 1.5),
     ("client-sparse-download", "ovirt-imageio", 5.0),
+    # Issue 16: the NBD backend, both servers on the same qemu-nbd exports.
+    ("nbd-https-get", "ovirt-imageio", 1.5),
+    ("nbd-https-put", "ovirt-imageio", 1.5),
+    ("nbd-unix-get", "ovirt-imageio", 1.5),
+    ("nbd-unix-put", "ovirt-imageio", 1.5),
+    ("nbd-client-sparse-download", "ovirt-imageio", 1.5),
 ]
 MAX_PEAK_RSS_MIB = 64
 MAX_IDLE_GROWTH_MIB = 10
@@ -439,9 +445,12 @@ class Imaged(Server):
         return self
 
     def add_ticket(self, path, size, ops):
+        return self.add_url_ticket(f"file://{path}", size, ops)
+
+    def add_url_ticket(self, url, size, ops):
         sid = str(uuid.uuid4())
         status, text = unix_request(self.control, "PUT", f"/sessions/{sid}", {
-            "url": f"file://{path}", "size": size, "ops": ops, "timeout": 24 * 3600})
+            "url": url, "size": size, "ops": ops, "timeout": 24 * 3600})
         if status != 200:
             raise BenchError(f"imaged: adding a session failed: {status} {text}")
         return sid
@@ -525,9 +534,12 @@ args = ("{os.path.join(e.out, 'ovirt-imageio.log')}",)
         return self
 
     def add_ticket(self, path, size, ops):
+        return self.add_url_ticket(f"file://{path}", size, ops)
+
+    def add_url_ticket(self, url, size, ops):
         tid = str(uuid.uuid4())
         status, text = unix_request(self.control, "PUT", f"/tickets/{tid}", {
-            "uuid": tid, "url": f"file://{path}", "size": size, "ops": ops,
+            "uuid": tid, "url": url, "size": size, "ops": ops,
             "timeout": 24 * 3600})
         if status != 200:
             raise BenchError(f"ovirt-imageio: adding a ticket failed: {status} {text}")
@@ -611,6 +623,76 @@ http {{
     def add_ticket(self, path, size, ops):
         # nginx serves files by name from the images directory.
         return os.path.relpath(path, self.env.images)
+
+
+class NbdExport:
+    """
+    A qemu-nbd serving one qcow2 image for the NBD rows, started and stopped
+    by this script; imaged's and ovirt-imageio's sessions both name it, so
+    they read and write the very same export. Options as a host agent
+    starts it (docs/images.md#nbd-images): --cache=none --aio=native,
+    --shared=8 (multi-conn), --allocation-depth.
+    """
+
+    def __init__(self, env, name, image, read_only):
+        self.env = env
+        self.name = name
+        self.image = image
+        self.read_only = read_only
+        self.socket = os.path.join(env.sock_dir, f"nbd-{name}.sock")
+        self.url = f"nbd:unix:{self.socket}"
+        self.proc = None
+
+    def start(self):
+        argv = ["qemu-nbd", "--persistent", "--shared=8", "--cache=none",
+                "--aio=native", "--discard=unmap", "--allocation-depth",
+                "--format=qcow2", f"--socket={self.socket}"]
+        if self.read_only:
+            argv.append("--read-only")
+        self.proc = self.env.procs.start(f"qemu-nbd {self.name}", argv + [self.image],
+                                         stdout=self.env.logfile("qemu-nbd.out"),
+                                         stderr=subprocess.STDOUT)
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise BenchError(f"qemu-nbd exited with {self.proc.returncode}; "
+                                 f"see {self.env.out}/qemu-nbd.out")
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(self.socket)
+            return True
+
+        wait_for(ready, 30, f"qemu-nbd {self.name}")
+        return self
+
+    def stop(self):
+        if self.proc is not None:
+            self.env.procs.stop(self.proc)
+            self.proc = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+
+
+def nbd_available(python):
+    """Why the NBD rows cannot run, or None."""
+    for tool in ("qemu-img", "qemu-nbd"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (make sysdeps)"
+    p = subprocess.run([python, "-c", "import nbd"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60)
+    if p.returncode != 0:
+        return "imaged's python cannot import libnbd's bindings (make sysdeps venv-nbd)"
+    return None
+
+
+def make_qcow2_copy(raw, qcow2):
+    """qemu-img convert of a raw bench image into qcow2 (holes stay holes)."""
+    done = qcow2 + ".done"
+    if os.path.exists(done) and os.path.exists(qcow2) and \
+            os.path.getmtime(qcow2) >= os.path.getmtime(raw):
+        return
+    log(f"converting {raw} to {qcow2}")
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow2], timeout=1800)
+    open(done, "w").close()
 
 
 # Transfers.
@@ -788,9 +870,51 @@ class Bench:
                 t["dest"] = dest
             self.tickets[name] = t
 
+        self.nbd = None
+        if a.nbd:
+            why = nbd_available(a.imaged_python)
+            if why:
+                self.notes.append(f"NBD rows: skipped: {why}")
+            else:
+                self.setup_nbd()
+
         self.client = self.find_client()
         # Now: imaged's code may change in the tree while the run goes on.
         self.versions = versions(self)
+
+    def setup_nbd(self):
+        """qcow2 copies of the bench images behind qemu-nbd, and sessions on them."""
+        a = self.args
+        big = os.path.join(self.images, "random.qcow2")
+        sparse = os.path.join(self.images, "sparse.qcow2")
+        make_qcow2_copy(self.big, big)
+        make_qcow2_copy(self.sparse, sparse)
+        self.nbd = {
+            "get": NbdExport(self, "get", big, read_only=True).start(),
+            "sparse": NbdExport(self, "sparse", sparse, read_only=True).start(),
+            # Uploads go to a new, empty qcow2 each time (see nbd_put).
+            "put": NbdExport(self, "put", os.path.join(self.images, "upload.qcow2"),
+                             read_only=False),
+        }
+        self.new_upload_target()
+        for name, s in self.servers.items():
+            if name == "nginx":
+                continue
+            t = self.tickets[name]
+            t["nbd-get"] = s.add_url_ticket(self.nbd["get"].url, a.size, ["read"])
+            t["nbd-sparse"] = s.add_url_ticket(self.nbd["sparse"].url, a.sparse_size, ["read"])
+            t["nbd-put"] = s.add_url_ticket(self.nbd["put"].url, a.size, ["read", "write"])
+        log("NBD exports started")
+
+    def new_upload_target(self):
+        """An empty qcow2 behind the upload export, as for a new disk."""
+        export = self.nbd["put"]
+        export.stop()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(export.image)
+        run(["qemu-img", "create", "-q", "-f", "qcow2", export.image, str(self.args.size)],
+            timeout=60)
+        export.start()
 
     def find_client(self):
         argv = [self.args.imaged_python, "-m", "imaged.client.cli"]
@@ -863,19 +987,53 @@ class Bench:
         return self.curl_put(server, "http://localhost/images/" + self.tickets[server.name]["put"],
                              ["--unix-socket", server.unix_socket])
 
+    def nbd_get(self, unix):
+        def fn(server, rep):
+            t = self.tickets[server.name]["nbd-get"]
+            if unix:
+                return self.curl_get(server, "http://localhost/images/" + t,
+                                     ["--unix-socket", server.unix_socket], rep)
+            return self.curl_get(server, server.https_url + t, (), rep)
+        return fn
+
+    def nbd_put(self, unix):
+        def fn(server, rep):
+            size = self.args.size
+            self.new_upload_target()
+            t = self.tickets[server.name]["nbd-put"]
+            if unix:
+                url, extra = "http://localhost/images/" + t, ["--unix-socket", server.unix_socket]
+            else:
+                url, extra = server.https_url + t, []
+            tr = measured(server, lambda: (curl_time(
+                curl_base(server) + extra + ["-o", "/dev/null", "-T", self.big,
+                                             "-X", "PUT", url + "?flush=y"],
+                self.timeout_for(size), size), size))
+            # The guest view of the qcow2 is the source (the export keeps
+            # running: -U shares its image).
+            p = subprocess.run(["qemu-img", "compare", "-U", "-q", "-f", "qcow2", "-F", "raw",
+                                self.nbd["put"].image, self.big],
+                               timeout=self.timeout_for(size))
+            if p.returncode != 0:
+                raise BenchError(f"verification failed: {server.name} NBD PUT: "
+                                 f"qemu-img compare exited with {p.returncode}")
+            return tr
+        return fn
+
     def client_run(self, argv, nbytes):
         t0 = time.monotonic()
         run(self.client + argv, timeout=self.timeout_for(nbytes), cwd=ROOT)
         return time.monotonic() - t0, nbytes
 
-    def client_download(self, conns, sparse=False):
+    def client_download(self, conns, sparse=False, ticket=None):
         def fn(server, rep):
             src = self.sparse if sparse else self.big
             size = self.args.sparse_size if sparse else self.args.size
             dest = os.path.join(self.scratch, "client-download.raw")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(dest)
-            url = server.https_url + self.tickets[server.name]["sparse" if sparse else "get"]
+            key = ticket or ("sparse" if sparse else "get")
+            url = server.https_url + self.tickets[server.name][key]
             t = measured(server, lambda: self.client_run(
                 ["download", url, dest, "--connections", str(conns),
                  "--cafile", self.cert, "--no-unix-socket", "--quiet"], size))
@@ -925,6 +1083,22 @@ class Bench:
                           f"client sparse download ({sparse / GiB:.3g} GiB, "
                           f"{self.sparse_data / sparse:.0%} data)",
                           [imaged] + ovirt, self.client_download(1, sparse=True), sparse))
+        if self.nbd:
+            sq = "NBD qcow2"
+            cases += [
+                Case("nbd-https-get", f"{sq}: HTTPS GET (curl)", [imaged] + ovirt,
+                     self.nbd_get(unix=False), size),
+                Case("nbd-https-put", f"{sq}: HTTPS PUT flush (curl)", [imaged] + ovirt,
+                     self.nbd_put(unix=False), size),
+                Case("nbd-unix-get", f"{sq}: unix socket GET (curl)", [imaged] + ovirt,
+                     self.nbd_get(unix=True), size),
+                Case("nbd-unix-put", f"{sq}: unix socket PUT flush (curl)", [imaged] + ovirt,
+                     self.nbd_put(unix=True), size),
+                Case("nbd-client-sparse-download",
+                     f"{sq}: client sparse download ({sparse / GiB:.3g} GiB, "
+                     f"{self.sparse_data / sparse:.0%} data)", [imaged] + ovirt,
+                     self.client_download(1, sparse=True, ticket="nbd-sparse"), sparse),
+            ]
         if self.args.only:
             cases = [c for c in cases if c.key in self.args.only]
         if self.client is None:
@@ -1290,7 +1464,12 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", metavar="CASE",
                         help="only these transfers (https-get https-put unix-get unix-put "
                              "client-download-1 client-download-4 client-upload-1 "
-                             "client-upload-4 client-sparse-download)")
+                             "client-upload-4 client-sparse-download nbd-https-get "
+                             "nbd-https-put nbd-unix-get nbd-unix-put "
+                             "nbd-client-sparse-download)")
+    parser.add_argument("--nbd", action=argparse.BooleanOptionalAction, default=True,
+                        help="the NBD rows: qcow2 copies of the images behind qemu-nbd "
+                             "(default: yes, where qemu-nbd and libnbd are installed)")
     parser.add_argument("--idle-connections", type=int,
                         help="idle keep-alive connections to open (default 50, smoke 10; 0 skips)")
     parser.add_argument("--verify-every-get", action="store_true",
@@ -1447,7 +1626,7 @@ def render(args, bench, cases, idle, limits_start, limits_end, tls, profiles, st
                        f" → {r['rss_idle_mib']:.0f} MiB (+{r['growth_mib']:.1f} MiB), peak "
                        f"{r['peak_mib']:.0f} MiB, {r['rss_after_close_mib']:.0f} MiB after closing")
         out.append("")
-    out += ["Targets (issue 5, same-run ratios):", "",
+    out += ["Targets (issues 5 and 16, same-run ratios):", "",
             targets_report(cases, bench.servers, idle, args.smoke), ""]
     out += ["Samples (GB/s):", ""]
     for c in cases:
