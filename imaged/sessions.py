@@ -31,9 +31,21 @@ log = logging.getLogger("sessions")
 
 OPS = ("read", "write")
 
-# Fields the engine gives; everything else in a session is state.
+# Fields the engine gives; everything else in a session is state. The
+# engine's ImageTicket.toDict() sends all of them but `filename` (only for
+# browser transfers) and `dirty` (only engines with incremental backup).
 _SPEC_FIELDS = ("uuid", "url", "size", "ops", "timeout", "sparse",
-                "inactivity_timeout", "transfer_id", "dirty")
+                "inactivity_timeout", "transfer_id", "dirty", "filename")
+
+# Unknown keys in session bodies are ignored, so that a newer engine keeps
+# working, and logged once per key name. The set of names already logged is
+# bounded: the control API must not grow memory with every odd key sent.
+_MAX_LOGGED_UNKNOWN = 64
+_logged_unknown = set()
+
+# File names offered to browsers (Content-Disposition): what file systems
+# take for a name.
+FILENAME_MAX_CHARS = 255
 
 # Session ids go into URLs as the last path component.
 _ID_RE = re.compile(r"^[A-Za-z0-9._~-]{1,128}$")
@@ -71,7 +83,7 @@ def parse_spec(session_id, body):
         raise errors.BadRequest("invalid session: expected a JSON object")
     for key in body:
         if key not in _SPEC_FIELDS:
-            raise errors.BadRequest(f"invalid session: unknown field {key!r}")
+            _log_unknown(key)
 
     uuid = body.get("uuid", session_id)
     if uuid != session_id:
@@ -85,13 +97,33 @@ def parse_spec(session_id, body):
     spec["sparse"] = validate.boolean(body, "sparse", default=False)
     # The session may list dirty extents (incremental backup, SPEC 8).
     spec["dirty"] = validate.boolean(body, "dirty", default=False)
-    # A socket cannot wait longer than MAX_TIMEOUT_S: refuse what the
-    # daemon could not honour instead of failing on the first upload.
-    spec["inactivity_timeout"] = validate.integer(
-        body, "inactivity_timeout", minval=1, maxval=config.MAX_TIMEOUT_S,
-        default=None)
+    spec["inactivity_timeout"] = _inactivity_timeout(body)
     spec["transfer_id"] = validate.printable(body, "transfer_id", 256)
+    spec["filename"] = validate.filename(body, "filename", FILENAME_MAX_CHARS)
     return spec
+
+
+def _log_unknown(key):
+    if key in _logged_unknown or len(_logged_unknown) >= _MAX_LOGGED_UNKNOWN:
+        return
+    _logged_unknown.add(key)
+    # repr() and a cap: a key name must not forge or flood a log line.
+    log.info("session field %.60r is not known to this version: ignored", key)
+
+
+def _inactivity_timeout(body):
+    """
+    The session's inactivity timeout in seconds, or None for the daemon's.
+
+    The engine's ImageTicket holds it in a Java int that defaults to 0 and
+    always sends it: 0 (or null) means "not set", as ovirt-imageio reads
+    it. A socket cannot wait longer than MAX_TIMEOUT_S: refuse what the
+    daemon could not honour instead of failing on the first upload.
+    """
+    if body.get("inactivity_timeout") is None:
+        return None
+    return validate.integer(body, "inactivity_timeout", minval=0,
+                            maxval=config.MAX_TIMEOUT_S) or None
 
 
 def _ops(body):
@@ -177,6 +209,8 @@ class Session:
         self.sparse = spec["sparse"]
         self.inactivity_timeout = spec["inactivity_timeout"]
         self.transfer_id = spec["transfer_id"]
+        self.filename = spec["filename"]
+        self.dirty = spec["dirty"]
         self.expires = clock() + spec["timeout"]
         self.canceled = False
         self.connections = 0
@@ -326,16 +360,17 @@ class Session:
     def info(self):
         """The control API view of the session."""
         d = dict(self.spec)
-        if d["inactivity_timeout"] is None:
-            del d["inactivity_timeout"]
-        if d["transfer_id"] is None:
-            del d["transfer_id"]
+        for key in ("inactivity_timeout", "transfer_id", "filename"):
+            if d[key] is None:
+                del d[key]
         d.update({
-            "expires": self.expires,
+            # Whole seconds, as ovirt-imageio reports them (the engine and
+            # Vdsm read integers).
+            "expires": int(self.expires),
             "active": self.active,
             "transferred": self.transferred(),
             "connections": self.connections,
-            "idle_time": round(self.idle_time(), 3),
+            "idle_time": int(self.idle_time()),
             "canceled": self.canceled,
         })
         return d

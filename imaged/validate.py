@@ -92,6 +92,36 @@ def query_choice(query, name, choices, default):
     return value
 
 
+def filename(obj, name, max_chars):
+    """
+    An optional file name to offer a browser: 1 to `max_chars` printable
+    characters, none of them a quote, slash or backslash, no leading or
+    trailing space, not "." or "..". Such a name needs no escaping in a
+    header (quotes and backslashes would, and browsers unescape them
+    differently) and is no path on any file system.
+    """
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise errors.BadRequest(f"invalid {name}: expected a string, got {value!r:.40}")
+    if not 0 < len(value) <= max_chars:
+        raise errors.BadRequest(
+            f"invalid {name}: expected 1-{max_chars} characters, got {len(value)}")
+    # isprintable() is False for control characters (CR, LF, NUL, DEL,
+    # C1), line and paragraph separators, format characters and lone
+    # surrogates: none may reach a header or a user's file system.
+    if not value.isprintable() or set(value) & _FILENAME_FORBIDDEN \
+            or value in (".", "..") or value != value.strip():
+        raise errors.BadRequest(
+            f'invalid {name}: no control characters, quotes, "/" or "\\", '
+            f'leading or trailing spaces')
+    return value
+
+
+_FILENAME_FORBIDDEN = set('"/\\')
+
+
 def printable(obj, name, max_chars, default=None):
     """An optional printable string of at most `max_chars` characters."""
     value = obj.get(name, default)

@@ -41,7 +41,7 @@ from tests.hardening_helpers import (
 SIZE = 192 * KiB + 1000     # Not a multiple of 4096: a partial last block.
 
 FIELDS = ("uuid", "url", "size", "ops", "timeout", "sparse",
-          "inactivity_timeout", "transfer_id")
+          "inactivity_timeout", "transfer_id", "dirty", "filename")
 
 # Derandomized: the same examples on every run, so CI is not a lottery;
 # change the seed (or run with derandomize=False) to explore further.
@@ -334,6 +334,8 @@ def session_bodies(path):
         "inactivity_timeout": st.one_of(numbers, json_values),
         "transfer_id": st.one_of(st.text(max_size=300), json_values),
         "uuid": st.one_of(st.text(max_size=10), json_values),
+        "dirty": st.one_of(st.booleans(), json_values),
+        "filename": st.one_of(st.text(max_size=300), json_values),
         "bogus": json_values,
     }
     required = {"url": st.just(good_url), "size": st.just(SIZE),
@@ -351,7 +353,8 @@ def session_bodies(path):
 def check_spec(sid, body, info):
     """An accepted session is what was asked, with sane values."""
     assert isinstance(body, dict)
-    assert set(body) <= set(FIELDS)
+    # Unknown keys are ignored (a newer engine keeps working): never stored.
+    assert set(info) & (set(body) - set(FIELDS)) == set()
     url = urllib.parse.urlsplit(body["url"])
     assert url.scheme == "file" and url.path.startswith("/")
     assert not url.query and not url.fragment

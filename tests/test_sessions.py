@@ -52,9 +52,15 @@ def test_parse_spec_defaults():
     ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": True}, "timeout"),
     ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1, "sparse": 1}, "sparse"),
     ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1, "uuid": "other"}, "uuid"),
-    ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1, "color": 1}, "color"),
     ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1,
-      "inactivity_timeout": 0}, "inactivity_timeout"),
+      "inactivity_timeout": -1}, "inactivity_timeout"),
+    ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1,
+      "inactivity_timeout": 2_147_484}, "inactivity_timeout"),
+    ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1,
+      "inactivity_timeout": 60.5}, "inactivity_timeout"),
+    ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1, "dirty": "yes"}, "dirty"),
+    ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1, "dirty": None}, "dirty"),
+    ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1, "filename": 7}, "filename"),
     ({"url": "file:///a", "size": 1, "ops": ["read"], "timeout": 1,
       "transfer_id": "t1\nforged log line"}, "transfer_id"),
     ({"url": "file:///a%2e%2e/b", "size": 1, "ops": ["read"], "timeout": 1}, "url"),
@@ -233,3 +239,94 @@ def test_throughput_over_the_last_seconds(registry, clock):
     assert s.throughput(window_s=5.0) == pytest.approx(200_000, rel=0.15)
     clock.now += 10
     assert s.throughput(window_s=5.0) < 20_000
+
+
+# Engine tickets (SPEC §2): what the oVirt engine sends must be accepted.
+
+def test_engine_fields_are_kept():
+    s = spec(dirty=True, filename="disk.qcow2", transfer_id="t-1",
+             inactivity_timeout=120, sparse=True)
+    assert s["dirty"] is True
+    assert s["filename"] == "disk.qcow2"
+    assert s["inactivity_timeout"] == 120
+
+
+def test_engine_defaults_mean_not_set():
+    # The engine's Java ImageTicket sends inactivity_timeout 0 when unset
+    # and may send a null transfer_id; a filename only for browser uploads.
+    s = spec(inactivity_timeout=0, transfer_id=None, filename=None)
+    assert s["inactivity_timeout"] is None
+    assert s["transfer_id"] is None
+    assert s["filename"] is None
+    assert s["dirty"] is False
+
+
+def test_largest_inactivity_timeout_a_socket_takes():
+    assert spec(inactivity_timeout=2_147_483)["inactivity_timeout"] == 2_147_483
+
+
+def test_unknown_fields_are_ignored_and_logged_once(caplog):
+    caplog.set_level("INFO", logger="sessions")
+    key = "future_field_" + str(id(caplog))
+    a = spec(**{key: {"x": 1}})
+    b = spec(**{key: 2})
+    assert key not in a and a == b
+    lines = [r.getMessage() for r in caplog.records if key in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert caplog.records[0].levelname == "INFO"
+
+
+def test_unknown_field_logging_is_bounded(caplog):
+    caplog.set_level("INFO", logger="sessions")
+    for i in range(500):
+        spec(**{f"flood{i}": 1})
+    assert len(sessions._logged_unknown) <= sessions._MAX_LOGGED_UNKNOWN
+
+
+def test_unknown_field_name_cannot_forge_a_log_line(caplog):
+    caplog.set_level("INFO", logger="sessions")
+    spec(**{"x\nERROR forged": 1, "y" * 10000: 1})
+    for r in caplog.records:
+        assert "\n" not in r.getMessage()
+        assert len(r.getMessage()) < 200
+
+
+@pytest.mark.parametrize("name", [
+    "", " lead", "trail ", ".", "..", 'a"b', "a/b", "a\\b", "a\rb", "a\nb",
+    "a\0b", "a\x7fb", "a\x85b", "a\u2028b", "a\u202eb", "\ud800", "x" * 256,
+])
+def test_hostile_filenames_are_refused(name):
+    with pytest.raises(errors.BadRequest, match="filename"):
+        spec(filename=name)
+
+
+@pytest.mark.parametrize("name", [
+    "disk.raw", "my disk (1).qcow2", "x" * 255, "Fedora 35 – été.img", "日本.iso",
+    "a;b=c.img", "100%.raw",
+])
+def test_good_filenames(name):
+    assert spec(filename=name)["filename"] == name
+
+
+@pytest.mark.parametrize("name, header", [
+    (None, "attachment"),
+    ("disk.raw", 'attachment; filename="disk.raw"'),
+    ("a;b=c 100%.img", 'attachment; filename="a;b=c 100%.img"'),
+    ("été.img", "attachment; filename=\"ete.img\"; filename*=UTF-8''%C3%A9t%C3%A9.img"),
+    ("日本.iso", "attachment; filename=\"__.iso\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC.iso"),
+])
+def test_content_disposition(name, header):
+    from imaged.apps import images as images_app
+    assert images_app.content_disposition(name) == header
+    header.encode("latin-1")    # WSGI headers must be latin-1
+
+
+def test_info_reports_integers_and_engine_fields(registry, clock):
+    clock.now += 0.7
+    s = registry.add(spec(dirty=True, filename="d.raw"))
+    clock.now += 3.9
+    info = s.info()
+    assert info["expires"] == 1060 and type(info["expires"]) is int
+    assert info["idle_time"] == 3 and type(info["idle_time"]) is int
+    assert info["dirty"] is True and info["filename"] == "d.raw"
+    assert "filename" not in registry.add(spec("s2")).info()

@@ -15,8 +15,12 @@ Errors are raised as imaged.errors and answered by web.ErrorPlugin; the
 CORS plugin adds what a browser needs to every answer of this app.
 """
 
+import unicodedata
+import urllib.parse
+
 import bottle
 
+from .. import __version__
 from .. import blkhash
 from .. import errors
 from .. import images
@@ -25,7 +29,8 @@ from .. import transport
 from .. import validate
 from .. import web
 
-PREFIXES = ("/images/",)
+# /info/ answers the engine's "Test Connection" of the images service.
+PREFIXES = ("/images/", "/info/")
 
 # Browsers may cache a CORS preflight answer this long.
 CORS_MAX_AGE_S = 24 * 3600
@@ -47,6 +52,9 @@ def make_app(registry, cfg, unix_socket=None):
     app.route("/images/<session_id>/checksum", "GET", Checksum(service).get)
     app.route("/images/<session_id>/checksum/algorithms", "GET", algorithms)
     app.route("/images/<session_id>/checksum/blocks", "GET", ChecksumBlocks(service).get)
+    for path in ("/info", "/info/"):
+        app.route(path, "GET", info)
+        app.route(path, "OPTIONS", info)
     return app
 
 
@@ -87,7 +95,7 @@ class Image:
         headers = {
             "Content-Type": "application/octet-stream",
             "Content-Length": str(length),
-            "Content-Disposition": "attachment",
+            "Content-Disposition": content_disposition(session.filename),
         }
         status = 200
         if header:
@@ -203,6 +211,30 @@ class ChecksumBlocks:
         session = self.service.session(session_id, "read", conn)
         return web.json_response(self.service.checksum_blocks(
             session, conn, algorithm, block_size, start, length))
+
+
+def info():
+    """/info and /info/: the version, for the engine's "Test Connection"."""
+    return web.json_response({"version": __version__})
+
+
+def content_disposition(filename):
+    """
+    The Content-Disposition of a download (RFC 6266): `attachment`, with the
+    session's file name if it has one (see validate.filename). A non-ASCII
+    name goes as `filename*` in UTF-8 (RFC 8187), with an ASCII `filename`
+    fallback for old clients: accents dropped, other characters as "_".
+    """
+    if filename is None:
+        return "attachment"
+    if filename.isascii():
+        return f'attachment; filename="{filename}"'
+    fallback = "".join(
+        c if c.isascii() else "_"
+        for c in unicodedata.normalize("NFKD", filename)
+        if not unicodedata.combining(c))
+    encoded = urllib.parse.quote(filename, safe="")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
 def algorithms(session_id):

@@ -19,7 +19,7 @@ def session_progress(session):
         "active": session.active,
         "operations": [op.info() for op in session.operations()],
         "throughput_bps": round(session.throughput()),
-        "expires": session.expires,
+        "expires": int(session.expires),
         "canceled": session.canceled,
     }
 
