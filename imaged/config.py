@@ -7,12 +7,20 @@ without a useful default outside the shipped config files.
 
 Validation is strict: an unknown key or a bad value raises ConfigError whose
 message starts with the key path, e.g.
-`listeners[1].port: expected an integer 0-65535, got 'abc'`.
+`listeners[1].port: expected an integer 0-65535, got 'abc'`; load() puts
+the file that set the key in front of it.
+
+Drop-ins: load() merges every `*.yaml` of a config directory (by default
+`conf.d` next to the main file: /etc/imaged/conf.d) over the main file, in
+name order, so the host agent and the admin each own a file. Mappings are
+merged key by key, anything else (lists, scalars) is replaced.
 """
 
 import copy
+import glob
 import grp
 import os
+import re
 
 import yaml
 
@@ -112,17 +120,117 @@ class ConfigError(Exception):
     """The configuration is invalid; the message names the key path."""
 
 
-def load(path):
-    """Load and validate a YAML config file; returns a plain dict."""
+def default_config_dir(path):
+    """The drop-in directory of the main config file `path`."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "conf.d")
+
+
+def load(path, config_dir=None):
+    """
+    Load the YAML config file `path` merged with the drop-ins of
+    `config_dir` (default: default_config_dir(path), which need not
+    exist), and validate it; returns a plain dict.
+
+    Errors name the file and the key path. Relative paths in any file are
+    relative to the directory of the main file.
+    """
+    explicit = config_dir is not None
+    if config_dir is None:
+        config_dir = default_config_dir(path)
+    raw = _read(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: <top>: expected a mapping, got {_show(raw)}")
+    origins = {}
+    _note_origins(raw, (), path, origins)
+    for drop_in in drop_ins(config_dir, explicit):
+        extra = _read(drop_in)
+        if extra is None:
+            continue
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{drop_in}: <top>: expected a mapping, got {_show(extra)}")
+        raw = merge(raw, extra)
+        _note_origins(extra, (), drop_in, origins)
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        return validate(raw, base_dir=base)
+    except ConfigError as e:
+        raise ConfigError(f"{_origin_of(str(e), origins, path)}: {e}") from None
+
+
+def drop_ins(config_dir, must_exist=False):
+    """The `*.yaml` files of `config_dir` in name order."""
+    if not os.path.isdir(config_dir):
+        if must_exist:
+            raise ConfigError(f"{config_dir}: not a directory")
+        return []
+    return sorted(glob.glob(os.path.join(glob.escape(config_dir), "*.yaml")))
+
+
+def _read(path):
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    base = os.path.dirname(os.path.abspath(path))
-    return validate(raw if raw is not None else {}, base_dir=base)
+
+
+def merge(base, extra):
+    """
+    `extra` merged over `base`: mappings key by key, lists and other values
+    replaced. A null where `base` has a mapping (a section whose keys are
+    all commented out) changes nothing.
+    """
+    result = dict(base)
+    for key, value in extra.items():
+        old = result.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            result[key] = merge(old, value)
+        elif isinstance(old, dict) and value is None:
+            continue
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def _note_origins(raw, prefix, path, origins):
+    # Which file set each key path last; a list belongs to one file.
+    for key, value in raw.items():
+        where = prefix + (str(key),)
+        if isinstance(value, dict):
+            origins.setdefault(where, path)
+            _note_origins(value, where, path, origins)
+        elif value is not None or where not in origins:
+            origins[where] = path
+
+
+_KEY_PATH_PART = re.compile(r"[^.\[]+")
+
+
+def _origin_of(message, origins, default):
+    """The file that set the key path an error message starts with."""
+    key_path = message.split(": ", 1)[0]
+    parts = tuple(_KEY_PATH_PART.findall(key_path.split("[", 1)[0]))
+    for n in range(len(parts), 0, -1):
+        if parts[:n] in origins:
+            return origins[parts[:n]]
+    return default
+
+
+def dump(cfg):
+    """
+    The effective config `cfg` as YAML, in the order of DEFAULTS; load()
+    takes it back unchanged.
+    """
+    cfg = copy.deepcopy(cfg)
+    for lst in cfg["listeners"]:
+        # As people write file modes (load() reads the string as octal).
+        lst["mode"] = f"0{lst['mode']:o}"
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False,
+                          allow_unicode=True)
 
 
 def validate(raw, base_dir="."):

@@ -1,7 +1,7 @@
 """
 The `imaged` command.
 
-    imaged [--config FILE] [--check] [--version]
+    imaged [--config FILE] [--config-dir DIR] [--check] [--show-config] [--version]
 
 Exit status: 0 after a clean stop (SIGTERM/SIGINT) or a good --check,
 2 for a bad config or command line, 1 when the daemon cannot start (a port
@@ -34,17 +34,27 @@ def main(argv=None):
         description="Serve virtual disk images over HTTPS to authorized clients.")
     parser.add_argument("--config", "-c", default=config.DEFAULT_FILE,
                         help=f"configuration file (default {config.DEFAULT_FILE})")
+    parser.add_argument("--config-dir", metavar="DIR", default=None,
+                        help="drop-in directory: its *.yaml files are merged over "
+                             "FILE in name order (default: conf.d next to FILE, "
+                             "/etc/imaged/conf.d)")
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration and exit")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the merged, effective configuration as YAML and exit")
     parser.add_argument("--version", action="version",
                         version=f"imaged {__version__}")
     args = parser.parse_args(argv)
 
     try:
-        cfg = config.load(args.config)
+        cfg = config.load(args.config, config_dir=args.config_dir)
     except config.ConfigError as e:
-        print(f"imaged: {args.config}: {e}", file=sys.stderr)
+        # The message starts with the file that set the bad key.
+        print(f"imaged: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.show_config:
+        sys.stdout.write(config.dump(cfg))
+        return EXIT_OK
     if args.check:
         print(f"imaged: {args.config}: configuration is valid")
         return EXIT_OK

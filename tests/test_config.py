@@ -124,3 +124,122 @@ def test_load_reports_yaml_errors(tmp_path):
 def test_load_missing_file(tmp_path):
     with pytest.raises(config.ConfigError, match="cannot read"):
         config.load(str(tmp_path / "missing.yaml"))
+
+
+# Drop-ins (SPEC §10).
+
+MAIN = """
+tls: {cert_file: /etc/pki/imaged/cert.pem, key_file: /etc/pki/imaged/key.pem}
+listeners:
+  - {name: control, kind: unix, path: /run/x.sock, apps: [sessions, progress]}
+images:
+  max_readers: 4
+  allowed_dirs: [/srv/a, /srv/b]
+logging: {level: INFO}
+"""
+
+
+@pytest.fixture
+def etc(tmp_path):
+    main = tmp_path / "imaged.yaml"
+    main.write_text(MAIN)
+    (tmp_path / "conf.d").mkdir()
+    return tmp_path
+
+
+def test_drop_ins_merge_in_name_order(etc):
+    d = etc / "conf.d"
+    (d / "50-vdsm.yaml").write_text(
+        "images: {max_writers: 2, allowed_dirs: [/rhev/data-center]}\n"
+        "logging: {level: DEBUG}\n")
+    (d / "90-admin.yaml").write_text("logging: {level: WARNING}\n")
+    (d / "10-first.yaml").write_text("images: {max_writers: 7, max_readers: 3}\n")
+    (d / "README").write_text("not yaml: [\n")
+    (d / "notes.yml.bak").write_text("bogus: 1\n")
+    cfg = config.load(str(etc / "imaged.yaml"))
+    # Key by key: max_readers from 10-first, max_writers from 50-vdsm.
+    assert cfg["images"]["max_readers"] == 3
+    assert cfg["images"]["max_writers"] == 2
+    # Lists are replaced, not appended.
+    assert cfg["images"]["allowed_dirs"] == ["/rhev/data-center"]
+    assert cfg["logging"]["level"] == "WARNING"
+    # Untouched keys keep the main file's value.
+    assert cfg["listeners"][0]["path"] == "/run/x.sock"
+
+
+def test_listeners_list_is_replaced_by_a_drop_in(etc):
+    (etc / "conf.d" / "x.yaml").write_text(
+        "listeners:\n  - {name: only, kind: unix, path: /run/y.sock, apps: [images]}\n")
+    cfg = config.load(str(etc / "imaged.yaml"))
+    assert [lst["name"] for lst in cfg["listeners"]] == ["only"]
+
+
+def test_null_section_in_a_drop_in_changes_nothing(etc):
+    (etc / "conf.d" / "x.yaml").write_text("images:\n#  max_readers: 1\n")
+    (etc / "conf.d" / "empty.yaml").write_text("# nothing yet\n")
+    assert config.load(str(etc / "imaged.yaml"))["images"]["max_readers"] == 4
+
+
+@pytest.mark.parametrize("text, key", [
+    ("images: {max_readers: many}\n", "images.max_readers"),
+    ("images: {colour: blue}\n", "images.colour"),
+    ("bogus: {}\n", "bogus"),
+    ("images: {allowed_dirs: [/ok, 7]}\n", "images.allowed_dirs[1]"),
+    ("listeners:\n  - {name: r, kind: tls, port: abc, apps: [images]}\n",
+     "listeners[0].port"),
+    ("images: 5\n", "images"),
+    ("- a list\n", "<top>"),
+])
+def test_drop_in_errors_name_the_file_and_key(etc, text, key):
+    bad = etc / "conf.d" / "60-bad.yaml"
+    (etc / "conf.d" / "10-good.yaml").write_text("images: {max_writers: 2}\n")
+    bad.write_text(text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(etc / "imaged.yaml"))
+    assert str(e.value).startswith(f"{bad}: {key}"), str(e.value)
+
+
+def test_main_file_errors_name_the_main_file(etc):
+    (etc / "conf.d" / "10-good.yaml").write_text("images: {max_writers: 2}\n")
+    (etc / "imaged.yaml").write_text(MAIN.replace("max_readers: 4", "max_readers: -1"))
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(etc / "imaged.yaml"))
+    assert str(e.value).startswith(f"{etc / 'imaged.yaml'}: images.max_readers")
+
+
+def test_invalid_yaml_in_a_drop_in_names_the_file(etc):
+    bad = etc / "conf.d" / "x.yaml"
+    bad.write_text("images: {max_readers: [\n")
+    with pytest.raises(config.ConfigError, match=f"^{bad}: invalid YAML"):
+        config.load(str(etc / "imaged.yaml"))
+
+
+def test_explicit_config_dir(etc, tmp_path_factory):
+    other = tmp_path_factory.mktemp("other")
+    (other / "a.yaml").write_text("images: {max_readers: 9}\n")
+    (etc / "conf.d" / "a.yaml").write_text("images: {max_readers: 1}\n")
+    cfg = config.load(str(etc / "imaged.yaml"), config_dir=str(other))
+    assert cfg["images"]["max_readers"] == 9
+    with pytest.raises(config.ConfigError, match="no-such-dir: not a directory"):
+        config.load(str(etc / "imaged.yaml"), config_dir=str(other / "no-such-dir"))
+
+
+def test_missing_default_config_dir_is_fine(tmp_path):
+    (tmp_path / "imaged.yaml").write_text(MAIN)
+    assert config.load(str(tmp_path / "imaged.yaml"))["images"]["max_readers"] == 4
+
+
+def test_dump_loads_back_unchanged(etc):
+    (etc / "conf.d" / "a.yaml").write_text("images: {max_readers: 2}\n")
+    cfg = config.load(str(etc / "imaged.yaml"))
+    out = etc / "shown.yaml"
+    out.write_text(config.dump(cfg))
+    assert config.load(str(out), config_dir=str(etc / "conf.d")) == cfg
+    assert "mode: '0660'" in config.dump(cfg)
+
+
+def test_shipped_config_dir_has_no_drop_ins():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = os.path.join(root, "config", "conf.d")
+    assert os.path.isfile(os.path.join(d, "README"))
+    assert config.drop_ins(d) == []

@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import requests
+import yaml
 
 from tests.conftest import ROOT
 
@@ -304,3 +305,45 @@ def test_idle_connection_is_dropped(make_daemon):
         start = time.monotonic()
         assert s.recv(1024) == b""
         assert time.monotonic() - start < 8
+
+
+def test_show_config_prints_the_merged_config(tmp_path):
+    main = tmp_path / "imaged.yaml"
+    with open(os.path.join(ROOT, "config", "imaged.yaml")) as f:
+        main.write_text(f.read())
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "50-vdsm.yaml").write_text("images: {allowed_dirs: [/rhev/data-center]}\n")
+    (drop / "90-admin.yaml").write_text("logging: {level: debug}\n")
+    r = run_imaged("--config", str(main), "--config-dir", str(drop), "--show-config")
+    assert r.returncode == 0, r.stderr
+    shown = yaml.safe_load(r.stdout)
+    assert shown["images"]["allowed_dirs"] == ["/rhev/data-center"]
+    assert shown["logging"]["level"] == "DEBUG"
+    assert shown["images"]["max_readers"] == 8          # a default, shown too
+    assert [lst["name"] for lst in shown["listeners"]] == ["remote", "local", "control"]
+    # Without --config-dir: conf.d next to the file, here missing.
+    r = run_imaged("--config", str(main), "--show-config")
+    assert yaml.safe_load(r.stdout)["images"]["allowed_dirs"] == []
+
+
+def test_bad_drop_in_exits_2_naming_file_and_key(tmp_path):
+    main = tmp_path / "imaged.yaml"
+    main.write_text("listeners:\n  - {name: c, kind: unix, path: /tmp/c.sock, apps: [sessions]}\n")
+    (tmp_path / "conf.d").mkdir()
+    bad = tmp_path / "conf.d" / "50-vdsm.yaml"
+    bad.write_text("images: {max_readers: lots}\n")
+    for extra in ([], ["--check"], ["--show-config"]):
+        r = run_imaged("--config", str(main), *extra)
+        assert r.returncode == 2
+        assert f"{bad}: images.max_readers: expected an integer" in r.stderr, r.stderr
+
+
+def test_daemon_applies_drop_ins(make_daemon, image):
+    d = make_daemon(start=False)
+    (d.dir / "conf.d").mkdir()
+    (d.dir / "conf.d" / "50-limits.yaml").write_text(
+        "sessions: {max_body_bytes: 1024}\n")
+    d.start()
+    r = d.control().put(d.control_url + "s-1", data=session_body(image, transfer_id="x" * 2000))
+    assert r.status_code == 413

@@ -38,6 +38,7 @@ COMMON_FILES = [
     "/usr/bin/imaged",
     "/usr/bin/imaged-client",
     "/etc/imaged/imaged.yaml",
+    "/etc/imaged/conf.d/README",
     "/usr/lib/sysusers.d/imaged.conf",
     "/usr/lib/tmpfiles.d/imaged.conf",
     "/usr/libexec/imaged/check-pki",
@@ -190,6 +191,7 @@ def test_deb_files(deb):
 def test_deb_installs_project_files_unchanged(deb):
     pairs = [
         ("etc/imaged/imaged.yaml", ROOT / "config" / "imaged.yaml"),
+        ("etc/imaged/conf.d/README", ROOT / "config" / "conf.d" / "README"),
         ("usr/lib/sysusers.d/imaged.conf", SYSTEMD_DIR / "imaged.sysusers"),
         ("usr/lib/tmpfiles.d/imaged.conf", SYSTEMD_DIR / "imaged.tmpfiles"),
         ("usr/libexec/imaged/check-pki", SYSTEMD_DIR / "check-pki"),
@@ -208,7 +210,8 @@ def test_deb_maintainer_scripts(deb, tmp_path):
     control = tmp_path / "DEBIAN"
     subprocess.run(["dpkg-deb", "-e", str(deb.path), str(control)], check=True)
     # The config survives upgrades with local changes (dpkg asks).
-    assert (control / "conffiles").read_text().split() == ["/etc/imaged/imaged.yaml"]
+    assert sorted((control / "conffiles").read_text().split()) == \
+        ["/etc/imaged/conf.d/README", "/etc/imaged/imaged.yaml"]
     postinst = (control / "postinst").read_text()
     # User before /run/imaged (owned by it) before the service starts.
     sysusers = postinst.index("systemd-sysusers")
