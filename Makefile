@@ -60,7 +60,8 @@ sysdeps:
 # tests run the packaged code on the system python as a host does. Installed
 # with apt when missing and we may; otherwise the tests needing them skip.
 PACKAGING_DEPS := debhelper dh-python python3-all python3-setuptools lintian \
-	rpm cpio systemd python3-gevent python3-bottle python3-yaml python3-libnbd
+	rpm cpio systemd python3-gevent python3-bottle python3-yaml python3-libnbd \
+	python3-prometheus-client
 
 packaging-deps:
 	@command -v dpkg-query >/dev/null || exit 0; \

@@ -19,6 +19,7 @@ setup(
         "gevent>=21.1",
         "bottle>=0.12.19",
         "PyYAML>=5.3",
+        "prometheus_client>=0.9",
     ],
     extras_require={
         "test": ["pytest>=7", "WebTest>=3", "requests>=2.25"],

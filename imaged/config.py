@@ -38,7 +38,7 @@ CHECKSUM_BLOCKS_WINDOW_BYTES = 1024**3
 MAX_TIMEOUT_S = (2**31 - 1) // 1000
 
 # Apps a listener can mount.
-APPS = ("images", "sessions", "progress")
+APPS = ("images", "sessions", "progress", "metrics")
 LISTENER_KINDS = ("tls", "tcp", "unix")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -75,6 +75,10 @@ DEFAULTS = {
         "remove_timeout_s": 60.0,
         # Cap on control API request bodies.
         "max_body_bytes": 64 * 1024,
+    },
+    "progress": {
+        # GET /progress/{id} as server-sent events: one event this often.
+        "event_interval_s": 1.0,
     },
     "threads": {
         # Threads doing blocking disk syscalls for all sessions.
@@ -260,6 +264,7 @@ def validate(raw, base_dir="."):
     _check_tls(cfg["tls"], base_dir)
     _check_images(cfg["images"], base_dir)
     _check_sessions(cfg["sessions"])
+    _number("progress.event_interval_s", cfg["progress"]["event_interval_s"], 0.05, 3600)
     _check_threads(cfg["threads"])
     _check_server(cfg["server"])
     _check_logging(cfg["logging"], base_dir)

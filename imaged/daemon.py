@@ -17,10 +17,12 @@ import gevent
 import gevent.event
 import gevent.hub
 
+from . import metrics
 from . import sessions
 from . import server
 from . import tls
 from .apps import images as images_app
+from .apps import metrics as metrics_app
 from .apps import progress as progress_app
 from .apps import sessions as sessions_app
 
@@ -32,10 +34,13 @@ class Daemon:
 
     def __init__(self, cfg):
         self.config = cfg
+        self.metrics = metrics.Metrics()
         self.registry = sessions.Registry(
             remove_timeout_s=cfg["sessions"]["remove_timeout_s"],
             lock_factory=_thread_lock,
-            threads_per_session=cfg["threads"]["per_session"])
+            threads_per_session=cfg["threads"]["per_session"],
+            metrics=self.metrics)
+        self.metrics.watch(self.registry, self._open_connections)
         self.reaper = sessions.Reaper(
             self.registry, cfg["sessions"]["reaper_interval_s"])
         self.listeners = []
@@ -55,7 +60,8 @@ class Daemon:
                     for prefix in apps[name][0]:
                         mounted[prefix] = apps[name][1]
                 listener = server.Listener(
-                    lst, server.Dispatcher(mounted), self.config["tls"], self.config)
+                    lst, server.Dispatcher(mounted), self.config["tls"], self.config,
+                    metrics=self.metrics)
                 self.listeners.append(listener)
         except BaseException:
             self._close_listeners(0)
@@ -77,7 +83,11 @@ class Daemon:
                          sessions_app.make_app(self.registry, self.config)),
             "progress": (("/progress/",),
                          progress_app.make_app(self.registry, self.config)),
+            "metrics": (metrics_app.PREFIXES, metrics_app.make_app(self.metrics)),
         }
+
+    def _open_connections(self):
+        return sum(len(lst.server.links) for lst in self.listeners)
 
     def _local_socket(self):
         """The unix socket serving images, reported to clients in OPTIONS."""

@@ -48,6 +48,10 @@ class RangeNotSatisfiable(Error):
         self.size = size
 
 
+class ClientGone(BadRequest):
+    """The client went away or stalled mid-request; the connection is done."""
+
+
 class Unsupported(Error):
     """The request is valid, but this backend or session cannot do it."""
 

@@ -17,8 +17,11 @@ parse requests and call it with plain objects:
 
 import contextlib
 import logging
-import os
+import ssl
+import time
+import urllib.parse
 
+from . import allowed
 from . import backends
 from . import buffers
 from . import config
@@ -244,13 +247,15 @@ class Images:
         if self.allowed_dirs and hasattr(backend, "fileno"):
             # Check what was opened, not the name: no symlink, "..", or
             # rename between a check and the open can lead elsewhere.
-            real = os.path.realpath(f"/proc/self/fd/{backend.fileno()}")
-            if not any(real == d or real.startswith(d.rstrip("/") + "/")
-                       for d in self.allowed_dirs):
+            try:
+                allowed.check_opened(backend.fileno(),
+                                     urllib.parse.urlsplit(session.url).path,
+                                     self.allowed_dirs)
+            except errors.Forbidden:
                 backend.close()
                 log.warning("session %s: image outside allowed_dirs refused",
                             session.name)
-                raise errors.Forbidden("image is outside the allowed directories")
+                raise
         return backend
 
     def _backend(self, session, mode, client, runner):
@@ -270,16 +275,23 @@ class Images:
         Registers the operation (it counts as active and transferring, and
         canceling the session cancels the client) and opens the image, or
         reuses the one the client has open. When the operation ends its
-        buffers go back to the pool.
+        buffers go back to the pool, and one log line and the metrics say
+        how it went.
         """
         op = sessions.Operation(kind, offset, length, on_cancel=client.cancel)
         client.running += 1
+        result = None
         try:
             runner = ops.Runner(session.thread_slots)
             backend = self._backend(session, mode, client, runner)
             self._check_limits(session, kind, backend.capabilities)
             session.add_operation(op)
+            result = "ok"
             yield backend, runner, op
+        except BaseException as e:
+            if result is not None:
+                result = outcome(e, session)
+            raise
         finally:
             client.running -= 1
             client.release_buffers()
@@ -288,6 +300,19 @@ class Images:
                 # DELETE returns, imaged has the image closed.
                 client.close_backend()
             session.remove_operation(op)
+            if result is not None:
+                self._finished(session, op, result)
+
+    def _finished(self, session, op, result):
+        seconds = time.monotonic() - op.started
+        end = op.offset + max(op.length, op.done)
+        span = f"{op.offset}-{end - 1}" if end > op.offset else "-"
+        rate = op.done / seconds / 1e6 if seconds > 0 else 0.0
+        # session.name: the transfer id or a shortened id, never the secret.
+        log.info("%s %s range=%s bytes=%d seconds=%.3f MB/s=%.1f result=%s",
+                 op.kind.upper(), session.name, span, op.done, seconds, rate,
+                 result)
+        self.registry.metrics.operation(op.kind, result)
 
     # The operations.
 
@@ -306,8 +331,8 @@ class Images:
         try:
             gen = ops.read(backend, runner, op, offset, length, client.buffers())
             first = next(gen, None)
-        except BaseException:
-            cm.__exit__(None, None, None)
+        except BaseException as e:
+            cm.__exit__(type(e), e, e.__traceback__)
             raise
         return _Chunks(first, gen, cm)
 
@@ -416,6 +441,16 @@ def _require(supported, what):
         raise errors.Unsupported(f"this image does not support {what}")
 
 
+def outcome(e, session):
+    """How an operation that raised `e` ended, for logs and metrics."""
+    if isinstance(e, errors.Canceled) or session.canceled:
+        return "canceled"
+    if isinstance(e, (errors.ClientGone, ConnectionError, TimeoutError,
+                      ssl.SSLEOFError, GeneratorExit)):
+        return "client gone"
+    return "error"
+
+
 class _Chunks:
     """
     The data of a read: iterates the chunks, and ends the operation when
@@ -426,6 +461,8 @@ class _Chunks:
         self._first = first
         self._gen = gen
         self._cm = cm
+        self._ended = False
+        self._error = None
 
     def __iter__(self):
         return self
@@ -434,7 +471,14 @@ class _Chunks:
         if self._first is not None:
             first, self._first = self._first, None
             return first
-        return next(self._gen)
+        try:
+            return next(self._gen)
+        except StopIteration:
+            self._ended = True
+            raise
+        except BaseException as e:
+            self._error = e
+            raise
 
     def close(self):
         try:
@@ -442,5 +486,11 @@ class _Chunks:
         finally:
             cm, self._cm = self._cm, None
             if cm is not None:
-                cm.__exit__(None, None, None)
+                if self._ended:
+                    cm.__exit__(None, None, None)
+                else:
+                    # Closed before the end: the generator failed, or
+                    # sending did (the client went away).
+                    e = self._error or errors.ClientGone("client stopped reading")
+                    cm.__exit__(type(e), e, e.__traceback__)
 

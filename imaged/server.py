@@ -158,7 +158,7 @@ def _remove_stale(path):
 class Listener:
     """One configured listener: its socket and its WSGIServer."""
 
-    def __init__(self, lst, app, tls, cfg):
+    def __init__(self, lst, app, tls, cfg, metrics=None):
         self.config = lst
         self.name = lst["name"]
         self.sock = bind(lst)
@@ -166,7 +166,8 @@ class Listener:
 
         handler = type("Handler", (transport.Handler,), {
             "idle_timeout_s": cfg["images"]["inactivity_timeout_s"],
-            "header_timeout_s": cfg["server"]["header_timeout_s"]})
+            "header_timeout_s": cfg["server"]["header_timeout_s"],
+            "metrics": metrics})
         tls_args = {"ssl_context": ssl_context} if ssl_context else {}
         self.server = transport.Server(
             self.sock, app,

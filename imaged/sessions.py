@@ -24,6 +24,7 @@ import gevent.lock
 from . import backends
 from . import config
 from . import errors
+from . import metrics as metrics_
 from . import validate
 from .ranges import RangeSet
 
@@ -69,6 +70,11 @@ def check_id(session_id):
 def short_id(session_id):
     """What logs may show of a secret session id."""
     return session_id[:_SHOWN_ID_CHARS] + "..."
+
+
+def name_of(spec):
+    """What logs show for the session of `spec` (see Session.name)."""
+    return spec["transfer_id"] or short_id(spec["uuid"])
 
 
 def parse_spec(session_id, body):
@@ -199,8 +205,9 @@ class Session:
     # Operations that move image data count as transferred.
     _COUNTED = ("read", "write", "zero")
 
-    def __init__(self, spec, clock=time.monotonic, threads=8):
+    def __init__(self, spec, clock=time.monotonic, threads=8, metrics=metrics_.NULL):
         self._clock = clock
+        self._metrics = metrics
         self.spec = spec
         self.id = spec["uuid"]
         self.url = spec["url"]
@@ -332,6 +339,7 @@ class Session:
         now = self._clock()
         self._last_activity = now
         if kind in self._COUNTED:
+            self._metrics.moved(kind, count)
             self._moved += count
             # One sample per interval keeps the history small however many
             # chunks move.
@@ -386,7 +394,10 @@ class Registry:
     """All sessions of the daemon, by id."""
 
     def __init__(self, remove_timeout_s=60.0, clock=time.monotonic,
-                 lock_factory=None, threads_per_session=8):
+                 lock_factory=None, threads_per_session=8, metrics=metrics_.NULL):
+        # The daemon's imaged.metrics.Metrics; the images service reports
+        # to it too.
+        self.metrics = metrics
         self._sessions = {}
         self._threads_per_session = threads_per_session
         self._clock = clock
@@ -408,7 +419,7 @@ class Registry:
                 return old
             raise errors.Conflict("a session with this id exists with other content")
         session = Session(spec, clock=self._clock,
-                          threads=self._threads_per_session)
+                          threads=self._threads_per_session, metrics=self.metrics)
         if self._lock_factory is not None:
             session.rmw_lock = self._lock_factory()
         self._sessions[key] = session
@@ -502,6 +513,8 @@ class Registry:
                     gevent.spawn(self._remove_when_idle, session)
                 else:
                     self._drop(session)
+        if count:
+            self.metrics.expired(count)
         return count
 
     def cancel_all(self):

@@ -59,8 +59,9 @@ TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 MAX_REQUEST_LINE_BYTES = pywsgi.MAX_REQUEST_LINE
 
 
-class ClientGone(errors.BadRequest):
-    """The client went away or stalled mid-request; the connection is done."""
+# Raised by the body readers; one class with the images service, which
+# reports such an operation as "client gone".
+ClientGone = errors.ClientGone
 
 
 class Link:
@@ -694,10 +695,16 @@ class Handler(pywsgi.WSGIHandler):
 
     # Logging: never the request line (it holds the session id).
 
+    # Set per listener (see imaged.server.Listener): an imaged.metrics.Metrics.
+    metrics = None
+
     def log_request(self):
         # The access log would show session ids in URLs; request logging
-        # happens in the apps, with ids shortened.
-        pass
+        # happens in the apps, with ids shortened. pywsgi calls this once
+        # per answered request: the place to count it.
+        if self.metrics is not None:
+            self.metrics.request(self.command, self.code if self.status else None,
+                                 self.time_finish - self.time_start)
 
     def log_error(self, msg, *args):
         # pywsgi's messages quote the request line, which holds the session

@@ -23,6 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = {
     "sessions": {"reaper_interval_s": 0.1},
     "logging": {"level": "DEBUG"},
+    # GET /metrics next to the control API, as the shipped config has it.
+    "listeners": {"control": {"apps": ["sessions", "progress", "metrics"]}},
 }
 
 

@@ -39,7 +39,7 @@ def test_shipped_config_is_valid():
     assert kinds["remote"]["host"] == "::"
     assert kinds["local"]["path"] == "\0/org/imaged"
     assert kinds["control"]["path"] == "/run/imaged/control.sock"
-    assert kinds["control"]["apps"] == ["sessions", "progress"]
+    assert kinds["control"]["apps"] == ["sessions", "progress", "metrics"]
     assert cfg["tls"]["cert_file"] == "/etc/pki/imaged/cert.pem"
 
 

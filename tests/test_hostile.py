@@ -756,6 +756,10 @@ def refused(d, url, size=64 * KiB):
                          "timeout": 60})
     if r.status == 400:
         return True
+    if r.status == 403:
+        # Refused when the session is added (SPEC §10).
+        assert "outside the allowed directories" in r.text
+        return True
     assert r.status == 200, r
     before = digest(d.secret)
     get = request(d, "GET", f"/images/{sid}")

@@ -79,7 +79,8 @@ def runtime_python():
     The interpreter to run the packaged code with.
 
     On a host, /usr/bin/imaged runs on /usr/bin/python3 with the
-    distribution's python3-gevent, -bottle and -yaml; make packaging-deps
+    distribution's python3-gevent, -bottle, -yaml and -prometheus-client;
+    make packaging-deps
     installs those here, so normally the test does the same. Where the
     system python lacks them (a developer machine without root), use this
     venv's python instead: it has the same libraries from PyPI, and
@@ -88,7 +89,7 @@ def runtime_python():
     """
     system = "/usr/bin/python3"
     if os.path.exists(system):
-        r = subprocess.run([system, "-c", "import gevent, bottle, yaml"],
+        r = subprocess.run([system, "-c", "import gevent, bottle, yaml, prometheus_client"],
                            capture_output=True)
         if r.returncode == 0:
             return system
@@ -163,7 +164,8 @@ def test_deb_control(deb):
     depends = deb_field(deb, "Depends")
     # Runtime libraries from Debian, and systemd-sysusers for the user.
     for dep in ("python3-gevent", "python3-bottle", "python3-yaml",
-                "python3-libnbd", "systemd-sysusers", "python3:any"):
+                "python3-libnbd", "python3-prometheus-client", "systemd-sysusers",
+                "python3:any"):
         assert dep in depends, depends
 
 
@@ -364,7 +366,7 @@ def test_rpm_header(rpm):
         == f"imaged {VERSION} noarch"
     requires = rpm_query(rpm, "--requires")
     for dep in ("python3-gevent", "python3-bottle", "python3-pyyaml",
-                "python3-libnbd"):
+                "python3-libnbd", "python3-prometheus_client"):
         assert dep in requires, requires
 
 
