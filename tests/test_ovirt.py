@@ -168,3 +168,16 @@ def test_info_answers_the_version(daemon, path):
 
 def test_info_is_not_on_the_control_socket(daemon):
     assert daemon.control().get("http+unix://imaged/info/").status_code == 404
+
+
+def test_ticket_in_the_docs_is_accepted():
+    # docs/ovirt.md shows the engine's ticket: it must stay one imaged takes.
+    import re
+    from imaged import sessions
+    from tests.conftest import ROOT
+    with open(os.path.join(ROOT, "docs", "ovirt.md")) as f:
+        text = f.read()
+    section = text[text.index("## 5."):]
+    body = json.loads(re.search(r"```json\n(.*?)\n```", section, re.S).group(1))
+    spec = sessions.parse_spec(body["uuid"], body)
+    assert spec["filename"] == "fedora-35.raw" and spec["dirty"] is False
