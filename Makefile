@@ -40,11 +40,14 @@ venv-nbd: $(STAMP)
 # qemu-img and qemu-nbd for ovirt-imageio's upload/download in the
 # compatibility tests and the NBD exports of the NBD backend tests, qemu-io
 # to write into them, nbdinfo to look at them, nbdkit for exports qemu-nbd
-# cannot make: without multi-conn), as tool:package; and Python
+# cannot make: without multi-conn; Debian's chromium and its chromedriver
+# for the lab page's browser test, driven by Selenium, never a downloaded
+# browser), as tool:package; and Python
 # modules of the system python as module:package (python3-libnbd: the NBD
 # backend, see venv-nbd). Installed with apt when missing and we may;
 # otherwise the tests needing them skip and say why.
-SYSDEPS := curl:curl openssl:openssl losetup:mount mkfs.ext4:e2fsprogs dmsetup:dmsetup qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdkit:nbdkit
+SYSDEPS := curl:curl openssl:openssl losetup:mount mkfs.ext4:e2fsprogs dmsetup:dmsetup qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdkit:nbdkit \
+	chromium:chromium chromedriver:chromium-driver
 SYSPYDEPS := nbd:python3-libnbd
 sysdeps:
 	@missing=""; for tp in $(SYSDEPS); do command -v $${tp%%:*} >/dev/null || missing="$$missing $${tp#*:}"; done; \
@@ -61,7 +64,8 @@ sysdeps:
 # with apt when missing and we may; otherwise the tests needing them skip.
 PACKAGING_DEPS := debhelper dh-python python3-all python3-setuptools lintian \
 	rpm cpio systemd python3-gevent python3-bottle python3-yaml python3-libnbd \
-	python3-prometheus-client
+	python3-prometheus-client \
+	python3-jwt python3-cryptography
 
 packaging-deps:
 	@command -v dpkg-query >/dev/null || exit 0; \

@@ -15,11 +15,15 @@ setup(
     license="GPL-2.0-or-later",
     python_requires=">=3.9",
     packages=find_packages(include=["imaged", "imaged.*"]),
+    # The lab page of the `ui` app.
+    package_data={"imaged": ["static/ui/*.html", "static/ui/*.js", "static/ui/*.css"]},
     install_requires=[
         "gevent>=21.1",
         "bottle>=0.12.19",
         "PyYAML>=5.3",
         "prometheus_client>=0.9",
+        "PyJWT>=2.4",
+        "cryptography>=3.4",
     ],
     extras_require={
         "test": ["pytest>=7", "WebTest>=3", "requests>=2.25"],

@@ -38,7 +38,7 @@ CHECKSUM_BLOCKS_WINDOW_BYTES = 1024**3
 MAX_TIMEOUT_S = (2**31 - 1) // 1000
 
 # Apps a listener can mount.
-APPS = ("images", "sessions", "progress", "metrics")
+APPS = ("images", "sessions", "progress", "metrics", "ui")
 LISTENER_KINDS = ("tls", "tcp", "unix")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -96,6 +96,32 @@ DEFAULTS = {
         # of their first byte, and a TLS handshake within this many seconds
         # of the connection.
         "header_timeout_s": 30.0,
+    },
+    "proxy": {
+        # CA bundle verifying the certificates of the hosts a proxy session
+        # relays to; null: the system's CAs.
+        "ca_file": None,
+        # When the host of a proxy session is this machine, relay through
+        # the unix socket it reports in OPTIONS instead of TLS (as
+        # ovirt-imageio's proxy does): no encryption on the second leg.
+        "use_unix_socket": True,
+        # Connecting to a host (TCP and TLS handshake) must take less.
+        "connect_timeout_s": 10.0,
+        # A host that sends nothing for this long fails the request (502).
+        "timeout_s": 60.0,
+    },
+    "tokens": {
+        # The engine's public keys (PEM text or paths of PEM files; public
+        # keys or certificates): Ed25519/Ed448 (EdDSA), EC P-256/384/521
+        # (ES256/384/512), RSA (RS256/384/512, PS256/384/512). Empty: no
+        # token is accepted.
+        "public_keys": [],
+        # When set, tokens must carry this `iss`.
+        "issuer": None,
+        # Clock skew allowed when checking exp and nbf.
+        "leeway_s": 0,
+        # Verified token sessions kept at once (each is a session).
+        "max_sessions": 10000,
     },
     "logging": {
         "level": "INFO",
@@ -267,6 +293,8 @@ def validate(raw, base_dir="."):
     _number("progress.event_interval_s", cfg["progress"]["event_interval_s"], 0.05, 3600)
     _check_threads(cfg["threads"])
     _check_server(cfg["server"])
+    _check_proxy(cfg["proxy"], base_dir)
+    _check_tokens(cfg["tokens"], base_dir)
     _check_logging(cfg["logging"], base_dir)
     cfg["listeners"] = _check_listeners(raw.get("listeners"), base_dir)
     return cfg
@@ -394,6 +422,37 @@ def _check_server(server):
     _number("server.stop_timeout_s", server["stop_timeout_s"], 0, 600)
     # Also the deadline of a whole TLS handshake.
     _number("server.header_timeout_s", server["header_timeout_s"], 0.1, 3600)
+
+
+def _check_proxy(proxy, base_dir):
+    proxy["ca_file"] = _path("proxy.ca_file", proxy["ca_file"], base_dir, optional=True)
+    _bool("proxy.use_unix_socket", proxy["use_unix_socket"])
+    _number("proxy.connect_timeout_s", proxy["connect_timeout_s"], 0.1, 3600)
+    _number("proxy.timeout_s", proxy["timeout_s"], 0.1, 3600)
+
+
+def _check_tokens(tokens, base_dir):
+    keys = tokens["public_keys"]
+    if not isinstance(keys, list):
+        raise ConfigError(f"tokens.public_keys: expected a list, got {_show(keys)}")
+    result = []
+    for i, key in enumerate(keys):
+        where = f"tokens.public_keys[{i}]"
+        text = _str(where, key)
+        if "-----BEGIN" not in text:
+            text = _path(where, text, base_dir)
+        result.append(text)
+    tokens["public_keys"] = result
+    tokens["issuer"] = _str("tokens.issuer", tokens["issuer"], optional=True)
+    _number("tokens.leeway_s", tokens["leeway_s"], 0, 3600)
+    _int("tokens.max_sessions", tokens["max_sessions"], 1, 10**6)
+    if result:
+        # Parse now: a bad key stops the start with the key path.
+        from . import tokens as tokens_mod
+        try:
+            tokens_mod.load_keys(result)
+        except tokens_mod.KeyError_ as e:
+            raise ConfigError(f"tokens.public_keys[{e.index}]: {e}") from None
 
 
 def _check_logging(logging_, base_dir):

@@ -25,6 +25,7 @@ from .apps import images as images_app
 from .apps import metrics as metrics_app
 from .apps import progress as progress_app
 from .apps import sessions as sessions_app
+from .apps import ui as ui_app
 
 log = logging.getLogger("daemon")
 
@@ -84,6 +85,7 @@ class Daemon:
             "progress": (("/progress/",),
                          progress_app.make_app(self.registry, self.config)),
             "metrics": (metrics_app.PREFIXES, metrics_app.make_app(self.metrics)),
+            "ui": (ui_app.PREFIXES, ui_app.make_app(self.config)),
         }
 
     def _open_connections(self):

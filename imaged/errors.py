@@ -58,6 +58,23 @@ class Unsupported(Error):
     status = 400
 
 
+class HostError(Error):
+    """
+    An error answer (4xx) of the host a proxy session relays to, passed on
+    to the client with the host's status and message.
+    """
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class BadGateway(Error):
+    """The host a proxy session relays to is down or answered garbage."""
+
+    status = 502
+
+
 class ServiceUnavailable(Error):
     status = 503
 

@@ -28,6 +28,7 @@ from . import config
 from . import errors
 from . import ops
 from . import sessions
+from . import tokens
 from . import util
 
 log = logging.getLogger("images")
@@ -160,6 +161,9 @@ class Images:
         self.inactivity_timeout_s = images["inactivity_timeout_s"]
         self.direct_io = images["direct_io"]
         self.allowed_dirs = images["allowed_dirs"]
+        # The proxy role (imaged.backends.http) and signed tokens.
+        self.proxy = cfg.get("proxy", config.DEFAULTS["proxy"])
+        self.tokens = tokens.Verifier(cfg.get("tokens", config.DEFAULTS["tokens"]), registry)
 
     def client(self, cancel, set_idle_timeout):
         """State for a new client connection (see Client)."""
@@ -167,20 +171,26 @@ class Images:
 
     # Authorization and limits.
 
-    def session(self, session_id, op, client):
-        """The session for `op`, counting `client` as one of its connections."""
-        session = self.registry.authorize(session_id, op)
+    def session(self, session_id, op, client, token=None):
+        """
+        The session for `op`, counting `client` as one of its connections.
+        With a `token` (imaged.tokens), the session the token grants.
+        """
+        if token is not None:
+            session = self.tokens.authorize(token, session_id, op)
+        else:
+            session = self.registry.authorize(session_id, op)
         client.use_session(session)
         return session
 
-    def options(self, session_id, client):
+    def options(self, session_id, client, token=None):
         """(allowed methods, options dict); for `*`, the server-wide ones."""
         result = {}
         if session_id == "*":
             allow = ["OPTIONS", "GET", "PUT", "PATCH"]
             result["features"] = list(BASE_FEATURES + WRITE_FEATURES)
         else:
-            session = self.session(session_id, "read", client)
+            session = self.session(session_id, "read", client, token)
             caps = self.capabilities(session, client)
             allow = ["OPTIONS", "GET"]
             features = list(BASE_FEATURES)
@@ -191,7 +201,7 @@ class Images:
             if "dirty" in caps.extents:
                 features.append("dirty")
             result["features"] = features
-            result["max_readers"] = self.max_readers
+            result["max_readers"] = self._max_readers(caps)
             result["max_writers"] = self._max_writers(caps) if writable else 0
         if self.unix_socket:
             result["unix_socket"] = self.unix_socket
@@ -207,17 +217,26 @@ class Images:
                                 ops.Runner(session.thread_slots))
         return backend.capabilities
 
+    def _max_readers(self, caps):
+        if caps.max_readers is None:
+            return self.max_readers
+        return min(self.max_readers, caps.max_readers)
+
     def _max_writers(self, caps):
         if caps.max_writers is None:
             return self.max_writers
         return min(self.max_writers, caps.max_writers)
 
     def _check_limits(self, session, kind, caps):
+        max_readers = self._max_readers(caps)
         if kind in READ_KINDS and \
-                session.count_operations(READ_KINDS) >= self.max_readers:
+                session.count_operations(READ_KINDS) >= max_readers:
             raise errors.ServiceUnavailable(
-                f"too many concurrent readers (max {self.max_readers})")
+                f"too many concurrent readers (max {max_readers})")
         max_writers = self._max_writers(caps)
+        if kind in WRITE_KINDS and max_writers == 0:
+            # A proxied image whose host session is read-only.
+            raise errors.Forbidden("the image is read-only")
         if kind in WRITE_KINDS and \
                 session.count_operations(WRITE_KINDS) >= max_writers:
             raise errors.ServiceUnavailable(
@@ -237,7 +256,8 @@ class Images:
             sparse=session.sparse, direct=self.direct_io,
             rmw_lock=session.rmw_lock,
             dirty=session.spec.get("dirty", False),
-            timeout_s=session.inactivity_timeout or self.inactivity_timeout_s)
+            timeout_s=session.inactivity_timeout or self.inactivity_timeout_s,
+            proxy=self.proxy)
         backend = backends.open_backend(session.url, mode, options)
         if backend.capabilities.fixed_size and backend.size() < session.size:
             size = backend.size()
@@ -398,6 +418,9 @@ class Images:
         log.debug("session %s: CHECKSUM algorithm=%s block_size=%d",
                   session.name, algorithm, block_size)
         with self._hashing(session, client, 0, session.size, block_size) as (b, r, op, buf):
+            if hasattr(b, "checksum"):
+                # A proxied image: its host hashes its own disk.
+                return r.run(b.checksum, algorithm, block_size)
             return ops.checksum(b, r, op, session.size, algorithm, block_size, buf)
 
     def checksum_blocks(self, session, client, algorithm, block_size, start, length=None):
@@ -415,6 +438,8 @@ class Images:
         log.debug("session %s: CHECKSUM BLOCKS algorithm=%s block_size=%d start=%d "
                   "length=%d", session.name, algorithm, block_size, start, length)
         with self._hashing(session, client, start, length, block_size) as (b, r, op, buf):
+            if hasattr(b, "checksum_blocks"):
+                return r.run(b.checksum_blocks, algorithm, block_size, start, length)
             return ops.checksum_blocks(b, r, op, session.size, algorithm, block_size,
                                        buf, start, length)
 

@@ -239,6 +239,9 @@ class Session:
         # Called with the session when it is canceled: connections keeping
         # its image open close it.
         self._closers = []
+        # Digest of the token that granted this session (imaged.tokens);
+        # None for sessions added over the control API.
+        self.token_key = None
 
     @property
     def name(self):
@@ -399,6 +402,9 @@ class Registry:
         # to it too.
         self.metrics = metrics
         self._sessions = {}
+        # Sessions granted by signed tokens (imaged.tokens), by a digest of
+        # the token: never reachable by their id alone.
+        self._token_sessions = {}
         self._threads_per_session = threads_per_session
         self._clock = clock
         self.remove_timeout_s = remove_timeout_s
@@ -426,6 +432,34 @@ class Registry:
         log.info("session %s added: ops=%s size=%d timeout=%d",
                  session.name, ",".join(session.ops), session.size,
                  spec["timeout"])
+        return session
+
+    def token_session(self, key):
+        """The live session made from the token with digest `key`, or None."""
+        session = self._token_sessions.get(key)
+        if session is None or session.canceled:
+            return None
+        return session
+
+    def add_token_session(self, key, spec, max_sessions):
+        """
+        Add the session a verified token grants (see imaged.tokens); it
+        expires with the token. Raises ServiceUnavailable when
+        `max_sessions` token sessions are live.
+        """
+        if len(self._token_sessions) >= max_sessions:
+            self.reap()
+            if len(self._token_sessions) >= max_sessions:
+                raise errors.ServiceUnavailable("too many token sessions, try later")
+        session = Session(spec, clock=self._clock,
+                          threads=self._threads_per_session)
+        session.token_key = key
+        if self._lock_factory is not None:
+            session.rmw_lock = self._lock_factory()
+        self._token_sessions[key] = session
+        log.info("session %s granted by a token: ops=%s size=%d for %d s",
+                 session.name, ",".join(session.ops), session.size,
+                 int(spec["timeout"]))
         return session
 
     def get(self, session_id):
@@ -492,6 +526,12 @@ class Registry:
         self._drop(session)
 
     def _drop(self, session):
+        if session.token_key is not None:
+            if self._token_sessions.get(session.token_key) is session:
+                del self._token_sessions[session.token_key]
+                log.info("session %s (token) removed, transferred=%d",
+                         session.name, session.transferred())
+            return
         key = _key(session.id)
         if self._sessions.get(key) is session:
             del self._sessions[key]
@@ -504,7 +544,7 @@ class Registry:
     def reap(self):
         """Cancel and drop expired sessions; returns how many expired."""
         count = 0
-        for session in list(self._sessions.values()):
+        for session in list(self._sessions.values()) + list(self._token_sessions.values()):
             if session.expired() and not session.canceled:
                 log.info("session %s expired", session.name)
                 session.cancel()
@@ -519,7 +559,7 @@ class Registry:
 
     def cancel_all(self):
         """Cancel every session's operations (daemon shutdown)."""
-        for session in list(self._sessions.values()):
+        for session in list(self._sessions.values()) + list(self._token_sessions.values()):
             session.cancel()
 
     def __len__(self):

@@ -25,6 +25,7 @@ from .. import blkhash
 from .. import errors
 from .. import images
 from .. import ranges
+from .. import tokens
 from .. import transport
 from .. import validate
 from .. import web
@@ -34,6 +35,13 @@ PREFIXES = ("/images/", "/info/")
 
 # Browsers may cache a CORS preflight answer this long.
 CORS_MAX_AGE_S = 24 * 3600
+
+# "*" does not cover Authorization (Fetch standard): name what the lab
+# page and the engine's UI send.
+CORS_ALLOW_HEADERS = "Authorization, Content-Range, Content-Type, *"
+CORS_ALLOW_METHODS = "OPTIONS,GET,PUT,PATCH"
+# Headers a page's script may read from an answer.
+CORS_EXPOSE_HEADERS = "Content-Range, Content-Length, Content-Disposition"
 
 # The Link.context key of the images service's per-connection state.
 _CLIENT_KEY = "images"
@@ -70,6 +78,16 @@ def client(service):
     return state
 
 
+def token():
+    """The signed token of the request (imaged.tokens), or None."""
+    return tokens.bearer(bottle.request.environ.get("HTTP_AUTHORIZATION"))
+
+
+def is_preflight(environ):
+    return bool(environ.get("HTTP_ORIGIN") and
+                environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"))
+
+
 class Image:
     """/images/{id}: the image data."""
 
@@ -78,14 +96,21 @@ class Image:
         self.max_body_bytes = max_body_bytes
 
     def options(self, session_id):
-        allow, body = self.service.options(session_id, client(self.service))
+        if is_preflight(bottle.request.environ):
+            # A CORS preflight: browsers send it without the Authorization
+            # header, so it cannot be authorized; it only learns what any
+            # session may allow (the CORS plugin adds the headers).
+            response = web.empty_response()
+            response.set_header("Allow", CORS_ALLOW_METHODS)
+            return response
+        allow, body = self.service.options(session_id, client(self.service), token())
         response = web.json_response(body)
         response.set_header("Allow", ",".join(allow))
         return response
 
     def get(self, session_id):
         conn = client(self.service)
-        session = self.service.session(session_id, "read", conn)
+        session = self.service.session(session_id, "read", conn, token())
         header = bottle.request.environ.get("HTTP_RANGE")
         if header:
             offset, length = ranges.parse_range(header, session.size)
@@ -119,7 +144,7 @@ class Image:
         environ = bottle.request.environ
         flush = _flush_param(bottle.request.query)
         conn = client(self.service)
-        session = self.service.session(session_id, "write", conn)
+        session = self.service.session(session_id, "write", conn, token())
         offset, last = 0, None
         header = environ.get("HTTP_CONTENT_RANGE")
         if header:
@@ -146,10 +171,10 @@ class Image:
             size = validate.integer(msg, "size")
             offset = validate.integer(msg, "offset", default=0)
             flush = validate.boolean(msg, "flush", default=False)
-            session = self.service.session(session_id, "write", conn)
+            session = self.service.session(session_id, "write", conn, token())
             self.service.zero(session, offset, size, conn, flush)
         elif op == "flush":
-            session = self.service.session(session_id, "write", conn)
+            session = self.service.session(session_id, "write", conn, token())
             self.service.flush(session, conn)
         else:
             raise errors.BadRequest(
@@ -171,7 +196,7 @@ class Extents:
         start = validate.query_integer(query, "start", 0)
         length = validate.query_integer(query, "length", None)
         conn = client(self.service)
-        session = self.service.session(session_id, "read", conn)
+        session = self.service.session(session_id, "read", conn, token())
         return web.json_response(
             self.service.extents(session, conn, start, length, context))
 
@@ -188,7 +213,7 @@ class Checksum:
         block_size = validate.query_integer(query, "block_size", blkhash.BLOCK_SIZE)
         blkhash.validate(algorithm, block_size)
         conn = client(self.service)
-        session = self.service.session(session_id, "read", conn)
+        session = self.service.session(session_id, "read", conn, token())
         return web.json_response(
             self.service.checksum(session, conn, algorithm, block_size))
 
@@ -208,7 +233,7 @@ class ChecksumBlocks:
         blkhash.validate(algorithm, block_size)
         blkhash.validate_window(start, block_size)
         conn = client(self.service)
-        session = self.service.session(session_id, "read", conn)
+        session = self.service.session(session_id, "read", conn, token())
         return web.json_response(self.service.checksum_blocks(
             session, conn, algorithm, block_size, start, length))
 
@@ -254,8 +279,9 @@ class CorsPlugin:
     What a browser needs, on every answer of the images app (errors too).
 
     The engine's web UI uploads and downloads from the browser straight to
-    the host: answers carry CORS headers (any origin: the session id in
-    the URL is the authorization, not the origin), and `?close=y` closes
+    the host or a proxy: answers carry CORS headers (any origin: the
+    session id in the URL, or the signed token, is the authorization, not
+    the origin), and `?close=y` closes
     the connection after the answer, as ovirt-imageio does.
     """
 
@@ -276,12 +302,13 @@ def _add_cors(response, request):
     cors = False
     if environ.get("HTTP_ORIGIN"):
         response.set_header("Access-Control-Allow-Origin", "*")
+        response.set_header("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)
         cors = True
     if environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"):
-        response.set_header("Access-Control-Allow-Headers", "*")
+        response.set_header("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS)
         cors = True
     if environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"):
-        response.set_header("Access-Control-Allow-Methods", "OPTIONS,GET,PUT,PATCH")
+        response.set_header("Access-Control-Allow-Methods", CORS_ALLOW_METHODS)
         cors = True
     if cors:
         response.set_header("Access-Control-Max-Age", str(CORS_MAX_AGE_S))

@@ -98,6 +98,9 @@ class Capabilities(NamedTuple):
     extents: Tuple[str, ...] = ("zero",)
     # Most concurrent writers of one image (None: no limit of its own).
     max_writers: Optional[int] = None
+    # Most concurrent readers (None: no limit of its own); a proxied image
+    # has its host's.
+    max_readers: Optional[int] = None
     # zero() and flush() do what they say (else the service refuses them).
     zero: bool = True
     flush: bool = True
@@ -123,6 +126,8 @@ class OpenOptions(NamedTuple):
     dirty: bool = False
     # Bound on waiting for a remote server (nbd, http backends).
     timeout_s: Optional[float] = None
+    # The config's `proxy` section, for the http backend.
+    proxy: Optional[dict] = None
 
 
 # URL scheme -> backend class.
@@ -188,8 +193,11 @@ def open_backend(url, mode, options=OpenOptions()):
 # The backends. Imported here, at the end, because they import Extent and
 # Capabilities from this module.
 from . import file  # noqa: E402
+from . import http  # noqa: E402
 from . import nbd  # noqa: E402
 
 register(("file",), file.FileBackend)
 # nbd:unix:/sock, nbd:HOST:PORT, nbd://HOST:PORT/NAME; nbd+unix:///NAME?socket=
 register(("nbd", "nbd+unix"), nbd.NbdBackend)
+# The proxy role: an image on another imaged or ovirt-imageio.
+register(("https", "http"), http.HttpBackend)

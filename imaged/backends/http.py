@@ -1,0 +1,602 @@
+"""
+HttpBackend: an image served by another daemon (the proxy role).
+
+A session whose url is `https://HOST:PORT/images/ID` (`http://` for labs)
+names an image on the imaged, or ovirt-imageio, of another host. Each
+backend call becomes one request to that daemon's images API over one
+keep-alive connection owned by the backend, so a client connection (which
+keeps its backend open, see web.Connection) keeps its own connection to the
+host:
+
+    readinto(offset, buf)   GET with Range: bytes=offset-(offset+len-1)
+    write(offset, buf)      PUT ?flush=n with Content-Range: bytes a-b/*
+    zero(offset, length)    PATCH {"op": "zero", ...}
+    flush()                 PATCH {"op": "flush"}
+    extents(start, length)  GET .../extents?context=zero
+    checksum(alg, bs)       GET .../checksum (forwarded: the host reads its
+                            own disk, nothing crosses the network)
+
+Bodies move straight between the caller's buffer and the socket; nothing
+is buffered beyond one transfer chunk.
+
+Like every backend, the calls block: the images service runs them in the
+threadpool. The connection therefore uses the stdlib's real, blocking
+socket and ssl classes (not gevent's monkey-patched ones, whose watchers
+belong to the thread that created them): in a pool thread OpenSSL decrypts
+straight into the transfer buffer with the GIL released, the path that
+made TLS uploads fastest in imaged.web.BodyReader.
+
+At open the backend asks the host for OPTIONS: its features and limits are
+what the proxy reports, and when the host is this machine (the connection's
+local and peer addresses are the same, as ovirt-imageio's proxy decides)
+and it reports a unix socket, the backend moves to that socket: no TLS on
+the second leg. The host certificate is verified first, over TLS, either
+way.
+
+Errors: a 4xx answer of the host reaches the client with its status and
+message (errors.HostError, Forbidden, RangeNotSatisfiable); a host that is
+down, times out or answers garbage is errors.BadGateway (502). Messages name
+the host's address, never the URL path (it holds the host's session id).
+"""
+
+import contextlib
+import http.client
+import io
+import json
+import logging
+import re
+import socket
+import ssl
+import urllib.parse
+
+import _ssl
+
+from gevent import monkey
+
+from .. import errors
+from . import Capabilities, Extent
+
+log = logging.getLogger("backends.http")
+
+# The real blocking classes, also when imaged has monkey patched the stdlib.
+_socket = monkey.get_original("socket", "socket")
+_getaddrinfo = monkey.get_original("socket", "getaddrinfo")
+_SocketIO = monkey.get_original("socket", "SocketIO")
+_SSLContext = monkey.get_original("ssl", "SSLContext")
+
+# An error body longer than this is not a message: the connection is closed
+# instead of reading it.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# What of a host's error message is passed on.
+SHOWN_ERROR_CHARS = 512
+# JSON answers (OPTIONS, extents, checksum) are read whole: cap them. A
+# fragmented image's extents list is ~60 bytes per extent.
+MAX_JSON_BYTES = 256 * 1024**2
+
+_ID_RE = re.compile(r"^[A-Za-z0-9._~-]{1,128}$")
+
+URL_FORM = "https://HOST:PORT/images/ID (http:// for labs)"
+
+
+def parse_url(url):
+    """
+    Check a proxy session url; returns urllib's SplitResult. Raises
+    BadRequest naming the field `url`.
+    """
+    def bad(why):
+        return errors.BadRequest(f"invalid url: {why}; expected {URL_FORM}")
+
+    if not isinstance(url, str) or not url.isascii() or not url.isprintable():
+        raise bad("not a printable ASCII string")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https"):
+        raise bad("scheme must be https or http")
+    if parsed.username is not None or parsed.password is not None:
+        raise bad("credentials in the url are not supported")
+    if not parsed.hostname:
+        raise bad("no host")
+    try:
+        parsed.port
+    except ValueError:
+        raise bad("invalid port") from None
+    if parsed.query or parsed.fragment:
+        raise bad("no query or fragment allowed")
+    parts = parsed.path.split("/")
+    if len(parts) != 3 or parts[0] != "" or parts[1] != "images" \
+            or not _ID_RE.match(parts[2]) or parts[2] in (".", ".."):
+        raise bad("path must be /images/ID")
+    return parsed
+
+
+def client_context(ca_file=None):
+    """A verifying TLS client context (TLS 1.2 minimum), blocking flavour."""
+    ctx = _SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # The C setter: ssl.SSLContext's Python property looks the class up by
+    # its module name, which is gevent's class once monkey patched (and
+    # recurses forever).
+    _ssl._SSLContext.minimum_version.__set__(ctx, ssl.TLSVersion.TLSv1_2)
+    if ca_file:
+        ctx.load_verify_locations(ca_file)
+    else:
+        ctx.load_default_certs()
+    return ctx
+
+
+def _create_connection(host, port, timeout):
+    error = None
+    for family, type_, proto, _, addr in _getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = _socket(family, type_, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(addr)
+            return sock
+        except OSError as e:
+            error = e
+            sock.close()
+    raise error or OSError(f"cannot resolve {host}")
+
+
+class _TLSSocket:
+    """
+    A blocking TLS client socket: a real socket and the C object of the ssl
+    module (what ssl.SSLSocket wraps). ssl.SSLSocket itself cannot be used
+    once gevent has patched the ssl module: its methods look their class up
+    by module name and find gevent's. OpenSSL does the TLS and verifies the
+    certificate and host name (the context has check_hostname set); this
+    only gives http.client the socket methods it calls.
+    """
+
+    def __init__(self, sock, context, hostname):
+        self._sock = sock
+        # Like socket.socket: close() waits for the files made by makefile()
+        # (http.client closes the connection before reading the body of an
+        # answer that ends it, "Connection: close").
+        self._io_refs = 0
+        self._closed = False
+        self._tls = context._wrap_socket(sock, False, hostname, owner=self)
+        self._tls.do_handshake()
+
+    def sendall(self, data):
+        with memoryview(data) as view, view.cast("B") as view:
+            while view:
+                count = self._tls.write(view)
+                view = view[count:]
+
+    def send(self, data):
+        return self._tls.write(data)
+
+    def recv_into(self, buf, nbytes=0):
+        try:
+            return self._tls.read(nbytes or len(buf), buf)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return 0
+
+    def makefile(self, mode="rb", buffering=None, **kwargs):
+        if mode != "rb":
+            raise ValueError("only binary reads")
+        self._io_refs += 1
+        return io.BufferedReader(_SocketIO(self, "rb"), io.DEFAULT_BUFFER_SIZE)
+
+    def _decref_socketios(self):
+        self._io_refs -= 1
+        if self._closed and self._io_refs <= 0:
+            self._sock.close()
+
+    def settimeout(self, timeout):
+        self._sock.settimeout(timeout)
+
+    def gettimeout(self):
+        return self._sock.gettimeout()
+
+    def getsockname(self):
+        return self._sock.getsockname()
+
+    def getpeername(self):
+        return self._sock.getpeername()
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def setsockopt(self, *args):
+        self._sock.setsockopt(*args)
+
+    def shutdown(self, how):
+        self._sock.shutdown(how)
+
+    def close(self):
+        self._closed = True
+        if self._io_refs <= 0:
+            self._sock.close()
+
+
+class _TCPConnection(http.client.HTTPConnection):
+    """HTTP(S) over a blocking TCP socket, with a connect deadline."""
+
+    def __init__(self, host, port, ssl_context, connect_timeout, timeout):
+        super().__init__(host, port, timeout=timeout)
+        self._ssl_context = ssl_context
+        self._connect_timeout = connect_timeout
+
+    def connect(self):
+        sock = _create_connection(self.host, self.port, self._connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl_context is not None:
+                # The handshake is bounded by the connect timeout too.
+                sock = _TLSSocket(sock, self._ssl_context, self.host)
+            sock.settimeout(self.timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+    def is_local(self):
+        """The host is this machine (ovirt-imageio's rule)."""
+        if self.sock is None:
+            self.connect()
+        return self.sock.getsockname()[0] == self.sock.getpeername()[0]
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a blocking unix socket (a path or an abstract name)."""
+
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        sock = _socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class HttpBackend:
+    """
+    The image of a session on another images daemon. See the module
+    docstring; the interface is imaged.backends'.
+    """
+
+    @classmethod
+    def check_url(cls, url):
+        parse_url(url)
+
+    @classmethod
+    def open(cls, url, mode, options):
+        proxy = options.proxy or {}
+        return cls(url, mode, ca_file=proxy.get("ca_file"),
+                   use_unix_socket=proxy.get("use_unix_socket", True),
+                   connect_timeout_s=proxy.get("connect_timeout_s", 10.0),
+                   timeout_s=proxy.get("timeout_s") or options.timeout_s or 60.0)
+
+    def __init__(self, url, mode="r", *, ca_file=None, use_unix_socket=True,
+                 connect_timeout_s=10.0, timeout_s=60.0):
+        if mode not in ("r", "rw"):
+            raise errors.BadRequest(f"Invalid mode {mode!r}, expected 'r' or 'rw'")
+        parsed = parse_url(url)
+        self._path = parsed.path
+        self._writable = mode == "rw"
+        self._timeout_s = timeout_s
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        # What messages and logs show of the host.
+        self.host = f"{parsed.hostname}:{port}"
+        self.transport = parsed.scheme
+        self._size = None
+        ctx = client_context(ca_file) if parsed.scheme == "https" else None
+        self._con = _TCPConnection(parsed.hostname, port, ctx, connect_timeout_s, timeout_s)
+        try:
+            self.options = self._options()
+            if use_unix_socket:
+                self._use_unix_socket(self.options.get("unix_socket"))
+        except BaseException:
+            self.close()
+            raise
+        self.features = frozenset(self.options.get("features", ()))
+        # What the host offers is what the client sees.
+        extents = ("zero", "dirty") if "dirty" in self.features else ("zero",)
+        self.capabilities = Capabilities(
+            extents=extents, max_writers=self.max_writers,
+            max_readers=self.max_readers,
+            zero="zero" in self.features, flush="flush" in self.features,
+            sparse=True)
+
+    # Properties used by the images service.
+
+    # The host refuses a range past the end of its image (416), passed on.
+    checks_ranges = True
+
+    @property
+    def block_size(self):
+        return 1
+
+    @property
+    def direct(self):
+        return False
+
+    @property
+    def sparse(self):
+        return False
+
+    @property
+    def max_readers(self):
+        """The host's limit; 1 when an old host does not say."""
+        return _limit(self.options.get("max_readers"), 1)
+
+    @property
+    def max_writers(self):
+        return _limit(self.options.get("max_writers"), 1)
+
+    # Backend interface.
+
+    def size(self):
+        """The size of the host's session (asked once: GET of byte 0)."""
+        if self._size is None:
+            with self._talking("read the image size"):
+                self._con.request("GET", self._path, headers={"Range": "bytes=0-0"})
+                res = self._con.getresponse()
+                if res.status == 416:
+                    # An empty image: no byte 0 to get.
+                    total = _content_range_total(res.getheader("Content-Range"))
+                    self._read_error(res)
+                    if total != 0:
+                        raise errors.BadGateway(
+                            f"host {self.host}: unexpected 416 for the first byte")
+                    self._size = 0
+                    return 0
+                if res.status != 206:
+                    self._raise_for(res)
+                total = _content_range_total(res.getheader("Content-Range"))
+                res.read(2)
+                if total is None:
+                    raise errors.BadGateway(
+                        f"host {self.host}: no image size in its Content-Range")
+                self._size = total
+        return self._size
+
+    def readinto(self, offset, buf):
+        """GET [offset, offset + len(buf)) from the host into `buf`."""
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        if not length:
+            return 0
+        with self._talking("read"):
+            self._con.request("GET", self._path, headers={
+                "Range": f"bytes={offset}-{offset + length - 1}"})
+            res = self._con.getresponse()
+            if res.status != 206:
+                self._raise_for(res)
+            if res.length != length:
+                raise errors.BadGateway(
+                    f"host {self.host}: answered {res.length} bytes, asked {length}")
+            got = 0
+            while got < length:
+                count = res.readinto(view[got:])
+                if not count:
+                    raise errors.BadGateway(
+                        f"host {self.host}: answer ended after {got} of {length} bytes")
+                got += count
+        return length
+
+    def write(self, offset, buf):
+        """PUT `buf` at `offset` on the host, without a flush."""
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        if not length:
+            return 0
+        path = self._path + ("?flush=n" if "flush" in self.features else "")
+        with self._talking("write"):
+            con = self._con
+            con.putrequest("PUT", path, skip_accept_encoding=True)
+            con.putheader("Content-Type", "application/octet-stream")
+            con.putheader("Content-Length", str(length))
+            con.putheader("Content-Range", f"bytes {offset}-{offset + length - 1}/*")
+            con.endheaders()
+            try:
+                con.send(view)
+            except (BrokenPipeError, ConnectionResetError):
+                # The host refused early and closed; its answer says why.
+                pass
+            res = con.getresponse()
+            if res.status != 200:
+                self._raise_for(res)
+            res.read()
+        return length
+
+    def zero(self, offset, length):
+        if "zero" not in self.features:
+            raise errors.Unsupported("the host does not support zero")
+        self._patch({"op": "zero", "offset": offset, "size": length, "flush": False})
+
+    def flush(self):
+        # A host without flush (read-only, or an old daemon) writes through.
+        if "flush" in self.features:
+            self._patch({"op": "flush"})
+
+    def extents(self, start=0, length=None, context="zero"):
+        """The host's extents, clipped to [start, start + length)."""
+        if "extents" not in self.features:
+            size = self.size()
+            end = size if length is None else min(start + length, size)
+            if start < end:
+                yield Extent(start, end - start, False, False)
+            return
+        items = self._get_json(f"{self._path}/extents?context={context}", "list extents")
+        end = None if length is None else start + length
+        if not isinstance(items, list):
+            raise errors.BadGateway(f"host {self.host}: invalid extents answer")
+        for item in items:
+            try:
+                ext = Extent(int(item["start"]), int(item["length"]),
+                             bool(item["zero"]), bool(item.get("hole", False)),
+                             bool(item.get("dirty", False)))
+            except (KeyError, TypeError, ValueError):
+                raise errors.BadGateway(f"host {self.host}: invalid extents answer") from None
+            ext_end = ext.start + ext.length
+            if ext_end <= start:
+                continue
+            if end is not None and ext.start >= end:
+                break
+            s = max(ext.start, start)
+            e = ext_end if end is None else min(ext_end, end)
+            yield Extent(s, e - s, ext.zero, ext.hole, ext.dirty)
+
+    def checksum_blocks(self, algorithm, block_size, start, length=None):
+        """The host's block digests of a window (see imaged.blkhash)."""
+        query = {"algorithm": algorithm, "block_size": block_size, "start": start}
+        if length is not None:
+            query["length"] = length
+        result = self._get_json(
+            f"{self._path}/checksum/blocks?{urllib.parse.urlencode(query)}",
+            "compute block checksums")
+        if not isinstance(result, dict) or not isinstance(result.get("blocks"), list):
+            raise errors.BadGateway(f"host {self.host}: invalid checksum blocks answer")
+        return result
+
+    def checksum(self, algorithm, block_size):
+        """The host's checksum of its image (see imaged.blkhash)."""
+        query = urllib.parse.urlencode({"algorithm": algorithm, "block_size": block_size})
+        result = self._get_json(f"{self._path}/checksum?{query}", "compute the checksum")
+        if not isinstance(result, dict) or not isinstance(result.get("checksum"), str):
+            raise errors.BadGateway(f"host {self.host}: invalid checksum answer")
+        return {"algorithm": result.get("algorithm", algorithm),
+                "block_size": result.get("block_size", block_size),
+                "checksum": result["checksum"]}
+
+    def close(self):
+        con, self._con = self._con, None
+        if con is not None:
+            con.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # Private.
+
+    def _options(self):
+        with self._talking("connect"):
+            self._con.request("OPTIONS", self._path)
+            res = self._con.getresponse()
+            if res.status != 200:
+                self._raise_for(res)
+            options = self._json_body(res)
+        if not isinstance(options, dict) or not isinstance(options.get("features", []), list):
+            raise errors.BadGateway(f"host {self.host}: invalid OPTIONS answer")
+        return options
+
+    def _use_unix_socket(self, path):
+        if not isinstance(path, str) or not path:
+            return
+        if not self._con.is_local():
+            return
+        con = _UnixConnection(path, self._timeout_s)
+        try:
+            con.connect()
+        except OSError as e:
+            log.warning("host %s: cannot use its unix socket, staying on %s: %s",
+                        self.host, self.transport, e)
+            con.close()
+            return
+        log.debug("host %s is this machine: relaying through its unix socket", self.host)
+        self._con.close()
+        self._con = con
+        self.transport = "unix"
+
+    def _patch(self, msg):
+        body = json.dumps(msg).encode()
+        with self._talking(msg["op"]):
+            self._con.request("PATCH", self._path, body=body,
+                              headers={"Content-Type": "application/json"})
+            res = self._con.getresponse()
+            if res.status != 200:
+                self._raise_for(res)
+            res.read()
+
+    def _get_json(self, path, what):
+        with self._talking(what):
+            self._con.request("GET", path)
+            res = self._con.getresponse()
+            if res.status != 200:
+                self._raise_for(res)
+            return self._json_body(res)
+
+    def _json_body(self, res):
+        if res.length is not None and res.length > MAX_JSON_BYTES:
+            raise errors.BadGateway(f"host {self.host}: answer too large")
+        data = res.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise errors.BadGateway(f"host {self.host}: answer too large")
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise errors.BadGateway(f"host {self.host}: invalid JSON answer") from None
+
+    def _read_error(self, res):
+        """The message of an error answer, read so the connection stays usable."""
+        if res.length is not None and res.length > MAX_ERROR_BODY_BYTES:
+            data = res.read(SHOWN_ERROR_CHARS)
+            self._con.close()
+        else:
+            data = res.read(MAX_ERROR_BODY_BYTES + 1)
+            if len(data) > MAX_ERROR_BODY_BYTES or not res.isclosed():
+                self._con.close()
+        return data[:SHOWN_ERROR_CHARS].decode("utf-8", "replace").strip() or res.reason
+
+    def _raise_for(self, res):
+        status = res.status
+        message = self._read_error(res)
+        if status == 416:
+            raise errors.RangeNotSatisfiable(
+                message, _content_range_total(res.getheader("Content-Range")))
+        if status == 403:
+            raise errors.Forbidden(message)
+        if 400 <= status < 500 or status == 503:
+            raise errors.HostError(status, message)
+        raise errors.BadGateway(f"host {self.host} answered {status}: {message}")
+
+    @contextlib.contextmanager
+    def _talking(self, what):
+        """Map transport failures to 502; close the connection on any error."""
+        if self._con is None:
+            raise errors.BadGateway(f"host {self.host}: connection closed")
+        try:
+            yield
+        except errors.Error:
+            raise
+        except ssl.SSLCertVerificationError as e:
+            self._con.close()
+            raise errors.BadGateway(
+                f"host {self.host}: certificate not trusted: {e.verify_message}") from None
+        except socket.timeout:
+            self._con.close()
+            raise errors.BadGateway(
+                f"host {self.host}: no answer within {self._timeout_s:g} s") from None
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            self._con.close()
+            reason = e.strerror if isinstance(e, OSError) and e.strerror \
+                else type(e).__name__
+            raise errors.BadGateway(f"host {self.host}: cannot {what}: {reason}") from None
+        except BaseException:
+            # Interrupted mid-request: the connection is in an unknown state.
+            self._con.close()
+            raise
+
+
+def _limit(value, default):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return default
+    return value
+
+
+def _content_range_total(header):
+    """N of 'bytes a-b/N' or 'bytes */N', or None."""
+    if not header:
+        return None
+    m = re.match(r"^\s*bytes\s+(?:\d+-\d+|\*)/(\d+)\s*$", header)
+    return int(m.group(1)) if m else None
