@@ -389,12 +389,24 @@ def same_content(a, b, timeout):
     return p.returncode == 0
 
 
+# The proxy rows reach the host at this address: a proxy decides a host is
+# this machine when its connection's two ends have the same address
+# (ovirt-imageio's rule, and imaged's), and would then relay through the
+# host's unix socket; from 127.0.0.1 to 127.0.0.2 the second leg is HTTPS.
+PROXY_HOST_ADDRESS = "127.0.0.2"
+
+
 def make_certificate(cert, key):
     if os.path.exists(cert) and os.path.exists(key):
-        return
+        # One made by an older run lacks the proxy rows' host address.
+        san = ssl._ssl._test_decode_cert(cert).get("subjectAltName", ())
+        if ("IP Address", PROXY_HOST_ADDRESS) in san:
+            return
     run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
          "-keyout", key, "-out", cert, "-days", "30", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], timeout=60)
+         "-addext",
+         f"subjectAltName=DNS:localhost,IP:127.0.0.1,IP:{PROXY_HOST_ADDRESS}"],
+        timeout=60)
     os.chmod(key, 0o600)
 
 
@@ -415,27 +427,41 @@ class Server:
 
 class Imaged(Server):
     name = "imaged"
+    role = ""
 
     def __init__(self, env, python):
         self.env = env
         self.python = python
 
+    def overrides(self):
+        listeners = {"plain": None}
+        if self.env.args.proxy:
+            # Where the proxies reach this daemon as their host.
+            self.proxy_port = free_port()
+            listeners["remote-proxied"] = {
+                "kind": "tls", "host": PROXY_HOST_ADDRESS, "port": self.proxy_port,
+                "apps": ["images"]}
+        return {"listeners": listeners, "logging": {"level": "INFO"}}
+
     def start(self):
         e = self.env
         # imaged.testing's daemon minus its plain TCP listener; its sockets
         # in the run's short socket directory, its process tracked by Procs.
-        overrides = testing.merge({"listeners": {"plain": None},
-                                   "logging": {"level": "INFO"}},
+        overrides = testing.merge(self.overrides(),
                                   json.loads(e.args.imaged_config or "{}"))
+        workdir = os.path.join(e.out, self.role) if self.role else e.out
+        sock_dir = os.path.join(e.sock_dir, self.role) if self.role else e.sock_dir
+        os.makedirs(sock_dir, exist_ok=True)
+        out = os.path.join(workdir, "imaged.out")
         self.daemon = testing.Daemon(
-            e.out, e.cert, e.key, overrides=overrides, python=self.python,
-            sock_dir=e.sock_dir, output_file=os.path.join(e.out, "imaged.out"),
-            spawn=lambda argv, **kw: e.procs.start("imaged", argv, **kw))
+            workdir, e.cert, e.key, overrides=overrides, python=self.python,
+            sock_dir=sock_dir, output_file=out,
+            spawn=lambda argv, **kw: e.procs.start(self.name, argv, **kw))
         try:
             self.daemon.start(timeout=30)
         except testing.DaemonError as err:
-            raise BenchError(f"{str(err).splitlines()[0]}; see {e.out}/imaged.out "
-                             f"and {e.out}/imaged.log") from None
+            raise BenchError(f"{str(err).splitlines()[0]}; see {out} "
+                             f"and {workdir}/imaged.log") from None
         self.proc = self.daemon.proc
         self.pid = self.proc.pid
         self.port = self.daemon.tls_port
@@ -456,8 +482,22 @@ class Imaged(Server):
         return sid
 
 
+class ImagedProxy(Imaged):
+    """imaged in the proxy role: sessions relay to the host's https URL."""
+
+    name = "imaged proxy"
+    role = "proxy"
+
+    def overrides(self):
+        return {"listeners": {"plain": None},
+                "proxy": {"ca_file": self.env.cert},
+                "logging": {"level": "INFO"}}
+
+
 class OvirtImageio(Server):
     name = "ovirt-imageio"
+    role = "ovirt"
+    extra_conf = ""
 
     def __init__(self, env):
         self.env = env
@@ -478,8 +518,8 @@ class OvirtImageio(Server):
         e = self.env
         exe = self.install()
         self.port = free_port()
-        d = os.path.join(e.out, "ovirt")
-        run_dir = os.path.join(e.sock_dir, "ovirt")
+        d = os.path.join(e.out, self.role)
+        run_dir = os.path.join(e.sock_dir, self.role)
         os.makedirs(os.path.join(d, "conf.d"), exist_ok=True)
         os.makedirs(run_dir, exist_ok=True)
         self.control = os.path.join(run_dir, "control.sock")
@@ -513,17 +553,17 @@ socket = {self.control}
 keys = logfile
 
 [handler_logfile]
-args = ("{os.path.join(e.out, 'ovirt-imageio.log')}",)
-""")
-        self.proc = e.procs.start("ovirt-imageio", [exe, "--conf-dir", d],
-                                  stdout=e.logfile("ovirt-imageio.out"),
+args = ("{os.path.join(e.out, self.role + '-imageio.log')}",)
+{self.extra_conf}""")
+        self.proc = e.procs.start(self.name, [exe, "--conf-dir", d],
+                                  stdout=e.logfile(self.role + "-imageio.out"),
                                   stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
 
         def ready():
             if self.proc.poll() is not None:
                 raise BenchError(f"ovirt-imageio exited with {self.proc.returncode}; "
-                                 f"see {e.out}/ovirt-imageio.log")
+                                 f"see {e.out}/{self.role}-imageio.log")
             status, _ = unix_request(self.control, "GET", "/tickets/none")
             with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 pass
@@ -544,6 +584,20 @@ args = ("{os.path.join(e.out, 'ovirt-imageio.log')}",)
         if status != 200:
             raise BenchError(f"ovirt-imageio: adding a ticket failed: {status} {text}")
         return tid
+
+
+class OvirtImageioProxy(OvirtImageio):
+    """
+    ovirt-imageio in its proxy role: a ticket whose url is the host's https
+    URL, relayed by its http backend (verifying with backend_http.ca_file).
+    """
+
+    name = "ovirt-imageio proxy"
+    role = "ovirt-proxy"
+
+    @property
+    def extra_conf(self):
+        return f"\n[backend_http]\nca_file = {self.env.cert}\n"
 
 
 class Nginx(Server):
@@ -877,6 +931,8 @@ class Bench:
                 self.notes.append(f"NBD rows: skipped: {why}")
             else:
                 self.setup_nbd()
+        if a.proxy:
+            self.setup_proxies()
 
         self.client = self.find_client()
         # Now: imaged's code may change in the tree while the run goes on.
@@ -915,6 +971,38 @@ class Bench:
         run(["qemu-img", "create", "-q", "-f", "qcow2", export.image, str(self.args.size)],
             timeout=60)
         export.start()
+
+    def setup_proxies(self):
+        """
+        The proxy rows: imaged (and ovirt-imageio) as a proxy in front of
+        the imaged above, reached over HTTPS at PROXY_HOST_ADDRESS; each
+        proxy has its own host sessions, and its own upload destination.
+        """
+        a = self.args
+        host = self.servers["imaged"]
+        self.proxies = {}
+        candidates = [("imaged proxy", lambda: ImagedProxy(self, a.imaged_python))]
+        if a.ovirt:
+            candidates.append(("ovirt-imageio proxy", lambda: OvirtImageioProxy(self)))
+        for name, factory in candidates:
+            try:
+                self.proxies[name] = factory().start()
+                log(f"{name} started (pid {self.proxies[name].pid})")
+            except BenchError as e:
+                if name == "imaged proxy":
+                    raise
+                log(f"{name}: not available: {e}")
+                self.notes.append(f"{name}: not available: {str(e).splitlines()[0]}")
+        base = f"https://{PROXY_HOST_ADDRESS}:{host.proxy_port}/images/"
+        for name, p in self.proxies.items():
+            dest = os.path.join(self.images, f"upload-{p.role}.raw")
+            prepare_destination(dest, a.size)
+            host_get = host.add_ticket(self.big, a.size, ["read"])
+            host_put = host.add_ticket(dest, a.size, ["read", "write"])
+            self.tickets[name] = {
+                "get": p.add_url_ticket(base + host_get, a.size, ["read"]),
+                "put": p.add_url_ticket(base + host_put, a.size, ["read", "write"]),
+                "dest": dest}
 
     def find_client(self):
         argv = [self.args.imaged_python, "-m", "imaged.client.cli"]
@@ -1099,6 +1187,14 @@ class Bench:
                      f"{self.sparse_data / sparse:.0%} data)", [imaged] + ovirt,
                      self.client_download(1, sparse=True, ticket="nbd-sparse"), sparse),
             ]
+        if self.args.proxy:
+            # Through a proxy, beside the same transfer straight to the host.
+            servers = [self.proxies["imaged proxy"], imaged] + \
+                [self.proxies[n] for n in ("ovirt-imageio proxy",) if n in self.proxies]
+            cases.append(Case("proxy-https-get", "proxy HTTPS GET (curl)", servers,
+                              self.https_get, size))
+            cases.append(Case("proxy-https-put", "proxy HTTPS PUT flush (curl)", servers,
+                              self.https_put, size))
         if self.args.only:
             cases = [c for c in cases if c.key in self.args.only]
         if self.client is None:
@@ -1356,6 +1452,52 @@ def table(cases, servers):
     return markdown(head, rows)
 
 
+PROXY_COLUMNS = ("imaged proxy", "imaged", "ovirt-imageio proxy")
+PROXY_MIN_VS_DIRECT = 0.8
+PROXY_MIN_VS_OVIRT = 1.5
+
+
+def proxy_table(cases):
+    head = ["transfer", "imaged proxy GB/s", "straight to the host GB/s",
+            "ovirt-imageio proxy GB/s", "proxy/direct", "proxy/ovirt-imageio proxy",
+            "proxy CPU s (imaged / ovirt-imageio)",
+            "proxy peak RSS MiB (imaged / ovirt-imageio)"]
+    rows = []
+    for c in cases:
+        med = {n: median(c.samples.get(n, []), "gbps") for n in PROXY_COLUMNS}
+        p, d, o = (med[n] for n in PROXY_COLUMNS)
+        rows.append([c.title] + [fmt(med[n], ".3f") for n in PROXY_COLUMNS] + [
+            fmt(p and d and p / d, ".2f") + ("×" if p and d else ""),
+            fmt(p and o and p / o, ".2f") + ("×" if p and o else ""),
+            " / ".join(fmt(median(c.samples.get(n, []), "cpu"), ".1f")
+                       for n in PROXY_COLUMNS[::2]),
+            " / ".join(fmt(max((t.peak for t in c.samples.get(n, [])), default=None), ".0f")
+                       for n in PROXY_COLUMNS[::2])])
+    return markdown(head, rows)
+
+
+def proxy_targets(cases, smoke):
+    lines = []
+    for c in cases:
+        p = median(c.samples.get("imaged proxy", []), "gbps")
+        for peer, label, want in (("imaged", "straight to the host", PROXY_MIN_VS_DIRECT),
+                                  ("ovirt-imageio proxy", "ovirt-imageio's proxy",
+                                   PROXY_MIN_VS_OVIRT)):
+            q = median(c.samples.get(peer, []), "gbps")
+            if not (p and q):
+                lines.append(f"- {c.title} ≥ {want}× {label}: not measured")
+                continue
+            lines.append(f"- {c.title} ≥ {want}× {label}: {p / q:.2f}× — "
+                         f"{'met' if p / q >= want else 'MISSED'}")
+    peaks = [t.peak for c in cases for t in c.samples.get("imaged proxy", [])]
+    if peaks:
+        lines.append(f"- imaged proxy peak RSS ≤ {MAX_PEAK_RSS_MIB} MiB: max {max(peaks):.0f} MiB"
+                     f" — {'met' if max(peaks) <= MAX_PEAK_RSS_MIB else 'MISSED'}")
+    if smoke:
+        lines.append("- (smoke mode: tiny images, 1 repetition; the ratios mean nothing)")
+    return "\n".join(lines)
+
+
 def markdown(head, rows):
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
 
@@ -1461,8 +1603,12 @@ def main(argv=None):
                         help="compare with nginx (default: yes; no in smoke mode)")
     parser.add_argument("--ovirt", action=argparse.BooleanOptionalAction, default=None,
                         help="compare with ovirt-imageio (default: yes; no in smoke mode)")
+    parser.add_argument("--proxy", action=argparse.BooleanOptionalAction, default=True,
+                        help="the proxy rows: imaged and ovirt-imageio as proxies in front "
+                             "of imaged (default: yes)")
     parser.add_argument("--only", nargs="+", metavar="CASE",
                         help="only these transfers (https-get https-put unix-get unix-put "
+                             "proxy-https-get proxy-https-put "
                              "client-download-1 client-download-4 client-upload-1 "
                              "client-upload-4 client-sparse-download nbd-https-get "
                              "nbd-https-put nbd-unix-get nbd-unix-put "
@@ -1591,7 +1737,8 @@ def render(args, bench, cases, idle, limits_start, limits_end, tls, profiles, st
            f"Images: random {args.size / GiB:.3g} GiB; sparse {args.sparse_size / GiB:.3g} GiB "
            f"with {bench.sparse_data / MiB:.0f} MiB data. Medians of {args.reps} "
            f"interleaved repetitions; GB/s = 10^9 bytes/s; every transfer verified.",
-           "", table(cases, bench.servers), ""]
+           "", table([c for c in cases if not c.key.startswith("proxy-")], bench.servers),
+           ""]
     others = [(t.other_cpu / t.seconds) for c in cases for ts in c.samples.values()
               for t in ts]
     if others:
@@ -1628,6 +1775,13 @@ def render(args, bench, cases, idle, limits_start, limits_end, tls, profiles, st
         out.append("")
     out += ["Targets (issues 5 and 16, same-run ratios):", "",
             targets_report(cases, bench.servers, idle, args.smoke), ""]
+    proxy_cases = [c for c in cases if c.key.startswith("proxy-")]
+    if proxy_cases:
+        out += ["Proxy role (curl, HTTPS in and HTTPS out; the proxies run beside the host "
+                f"imaged and reach it at {PROXY_HOST_ADDRESS}; CPU and RSS are the "
+                "proxy's own):", "", proxy_table(proxy_cases), "",
+                "Targets (issue 17, same-run ratios):", "",
+                proxy_targets(proxy_cases, args.smoke), ""]
     out += ["Samples (GB/s):", ""]
     for c in cases:
         for name, ts in c.samples.items():

@@ -31,6 +31,10 @@ def test_bench_smoke(tmp_path):
     assert "Machine limits" in p.stdout
     assert re.search(r"into huge pages \(as imaged reads\) \d+\.\d+ / \d+\.\d+ GB/s",
                      p.stdout)
+    # The proxy rows: imaged as a proxy in front of imaged.
+    assert "| proxy HTTPS GET (curl)" in p.stdout
+    assert "| proxy HTTPS PUT flush (curl)" in p.stdout
+    assert re.search(r"imaged proxy peak RSS ≤ 64 MiB: max \d+ MiB", p.stdout)
     assert (out / "results.json").exists()
     # Large files are removed unless --keep.
     assert not any(n.endswith(".raw") for n in os.listdir(out / "images"))
