@@ -69,6 +69,9 @@ DEFAULTS = {
         # When not empty, session urls must be inside one of these
         # directories (after resolving symlinks).
         "allowed_dirs": [],
+        # Most extents in one answer to a windowed extents request (with
+        # start or length): the answer is then a prefix of the window.
+        "max_extents": 100000,
     },
     "sessions": {
         "reaper_interval_s": 1.0,
@@ -398,6 +401,7 @@ def _check_images(images, base_dir):
     _number("images.inactivity_timeout_s", images["inactivity_timeout_s"], 1,
             MAX_TIMEOUT_S)
     _bool("images.direct_io", images["direct_io"])
+    _int("images.max_extents", images["max_extents"], 1, 10**7)
     dirs = images["allowed_dirs"]
     if not isinstance(dirs, list):
         raise ConfigError(f"images.allowed_dirs: expected a list, got {_show(dirs)}")

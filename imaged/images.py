@@ -164,6 +164,7 @@ class Images:
         # The proxy role (imaged.backends.http) and signed tokens.
         self.proxy = cfg.get("proxy", config.DEFAULTS["proxy"])
         self.tokens = tokens.Verifier(cfg.get("tokens", config.DEFAULTS["tokens"]), registry)
+        self.max_extents = images["max_extents"]
 
     def client(self, cancel, set_idle_timeout):
         """State for a new client connection (see Client)."""
@@ -396,6 +397,19 @@ class Images:
             ops.flush(b, r, op)
 
     def extents(self, session, client, start=0, length=None, context="zero"):
+        """
+        The extents of [start, start + length) (default: to the end) as a
+        JSON list, streamed: an iterator of bytes with close(), like read().
+
+        A window asked for (a `start` or a `length`) gets at most
+        `images.max_extents` extents, a prefix of the window: the client
+        asks for the rest from where the answer ends (imaged-client does).
+        The whole list, asked without a window, is complete however long:
+        ovirt-imageio's client asks for it once and takes the image size
+        from its last extent. Either way it is listed and encoded off the
+        event loop in bounded batches (ops.extents_json).
+        """
+        limit = self.max_extents if start or length is not None else None
         if length is None:
             length = max(session.size - start, 0)
         if start >= session.size and session.size:
@@ -403,7 +417,9 @@ class Images:
                 f"start {start} is beyond the image size {session.size}",
                 session.size)
         self.check_range(session, start, min(length, session.size - start))
-        with self.operation(session, "extents", start, 0, client) as (b, r, op):
+        cm = self.operation(session, "extents", start, 0, client)
+        b, r, op = cm.__enter__()
+        try:
             if context not in b.capabilities.extents:
                 if context == "dirty" and not session.spec.get("dirty"):
                     raise errors.NotFound(
@@ -411,7 +427,14 @@ class Images:
                         "added with dirty=true")
                 raise errors.NotFound(
                     f"{context} extents are not available for this session")
-            return ops.extents(b, r, session.size, start, length, context)
+            gen = ops.extents_json(b, r, op, session.size, start, length, context,
+                                   limit)
+            # The first piece now: an error still gets its status.
+            first = next(gen)
+        except BaseException:
+            cm.__exit__(None, None, None)
+            raise
+        return _Chunks(first, gen, cm)
 
     def checksum(self, session, client, algorithm, block_size):
         """The block checksum of the session's image (see imaged.blkhash)."""

@@ -176,6 +176,41 @@ def test_split_huge_zero_extent():
     assert blocks[-1] == (1024 * MiB, 1, True)
 
 
+@pytest.mark.parametrize("extents,expected", [
+    # A zero run of whole blocks is one item; the short last block is not.
+    ([E(0, 250, True)], [(0, 200, True), (200, 50, True)]),
+    # A data byte splits the zero runs around its block.
+    ([E(0, 130, True), E(130, 1, False), E(131, 469, True)],
+     [(0, 100, True), (100, 100, False), (200, 400, True)]),
+    # A zero extent starting inside a block: that block alone, then a run.
+    ([E(0, 50, False), E(50, 550, True)], [(0, 100, False), (100, 500, True)]),
+    # Two zero extents: a block made of both is a single zero block.
+    ([E(0, 150, True), E(150, 150, True)],
+     [(0, 100, True), (100, 100, True), (200, 100, True)]),
+])
+def test_runs(extents, expected):
+    assert list(blkhash.runs(extents, 100)) == expected
+
+
+def test_runs_of_a_2_63_byte_hole_is_one_item():
+    size = 2**63 - 1
+    assert list(blkhash.runs([E(0, size, True)], MiB)) == [
+        (0, size // MiB * MiB, True), (size // MiB * MiB, size % MiB, True)]
+
+
+@pytest.mark.parametrize("algorithm", ["blake2b", "sha256", "shake_128"])
+@pytest.mark.parametrize("count", [1, 2, 32767, 32768, 32769, 100000])
+def test_zero_blocks_same_as_zero_block_by_block(algorithm, count):
+    a = blkhash.Hash(MiB, algorithm)
+    a.update(b"x")
+    a.zero_blocks(count)
+    b = blkhash.Hash(MiB, algorithm)
+    b.update(b"x")
+    for _ in range(count):
+        b.zero(MiB)
+    assert a.hexdigest() == b.hexdigest()
+
+
 @pytest.mark.parametrize("block_size", [MiB, 4 * MiB, 16 * MiB, MiB + 4096])
 def test_validate_ok(block_size):
     blkhash.validate("blake2b", block_size)

@@ -5,6 +5,7 @@ reader for bodies, and a fake connection (the two hooks a transport gives).
 """
 
 import io
+import json
 import os
 import uuid
 
@@ -147,15 +148,38 @@ def test_canceling_the_session_cancels_the_connection(service, registry, image):
     assert not session.active
 
 
+def list_extents(service, session, client, **kw):
+    """The extents answer of the service (a stream of JSON), parsed."""
+    chunks = service.extents(session, client, **kw)
+    try:
+        return json.loads(b"".join(chunks))
+    finally:
+        chunks.close()
+
+
+def test_extents_are_streamed_and_end_the_operation(service, registry, image):
+    path, data = image
+    sid = add(registry, path)
+    client, _ = client_of(service)
+    session = service.session(sid, "read", client)
+    chunks = service.extents(session, client)
+    assert session.active
+    got = json.loads(b"".join(chunks))
+    chunks.close()
+    assert not session.active
+    assert got[0]["start"] == 0
+    assert sum(e["length"] for e in got) == len(data)
+
+
 def test_the_backend_stays_open_between_requests(service, registry, image):
     path, _ = image
     sid = add(registry, path)
     client, _ = client_of(service)
     session = service.session(sid, "read", client)
-    service.extents(session, client)
+    assert list_extents(service, session, client)[0]["start"] == 0
     backend = client.backend(session, "r")
     assert backend is not None
-    service.extents(session, client)
+    list_extents(service, session, client)
     assert client.backend(session, "r") is backend
     # A removed session does not keep its image open.
     registry.remove(sid)

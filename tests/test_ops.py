@@ -137,3 +137,71 @@ def test_dirty_extents_are_reported_with_dirty_and_zero(runner):
         {"start": 0, "length": 4096, "dirty": True, "zero": False},
         {"start": 4096, "length": 8192, "dirty": False, "zero": True},
     ]
+
+
+def fragmented(path, blocks):
+    """A file of `blocks` 4 KiB data extents 8 KiB apart: 2 x blocks extents."""
+    with open(path, "wb") as f:
+        f.truncate(blocks * 8 * KiB)
+        for i in range(blocks):
+            f.seek(i * 8 * KiB)
+            f.write(b"d" * 4 * KiB)
+    return str(path)
+
+
+def test_extents_json_is_listed_in_batches(runner, tmp_path, monkeypatch):
+    import json
+    monkeypatch.setattr(ops, "EXTENTS_BATCH", 3)
+    path = fragmented(tmp_path / "frag.raw", 5)
+    size = 5 * 8 * KiB
+    with FileBackend(path, "r", direct=False) as b:
+        full = ops.extents(b, runner, size, 0, size)
+        op = sessions.Operation("extents")
+        pieces = list(ops.extents_json(b, runner, op, size, 0, size))
+        limited = b"".join(ops.extents_json(b, runner, op, size, 0, size, limit=4))
+        empty = list(ops.extents_json(b, runner, op, size, size, 0))
+    assert len(full) == 10
+    # 10 extents, 3 per batch: 4 pieces, then the closing bracket.
+    assert len(pieces) == 5
+    assert json.loads(b"".join(pieces)) == full
+    assert json.loads(limited) == full[:4]
+    assert empty == [b"[]\n"]
+
+
+def test_extents_json_stops_when_canceled(runner, tmp_path, monkeypatch):
+    monkeypatch.setattr(ops, "EXTENTS_BATCH", 2)
+    path = fragmented(tmp_path / "frag.raw", 5)
+    op = sessions.Operation("extents")
+    with FileBackend(path, "r", direct=False) as b:
+        gen = ops.extents_json(b, runner, op, 5 * 8 * KiB, 0, 5 * 8 * KiB)
+        next(gen)
+        op.cancel()
+        with pytest.raises(errors.Canceled):
+            next(gen)
+
+
+def test_checksum_of_a_2_63_byte_session_yields_and_stops_when_canceled(runner, tmp_path):
+    import gevent
+    path = tmp_path / "small.raw"
+    with open(path, "wb") as f:
+        f.write(b"x" * 4096)
+        f.truncate(MiB)
+    op = sessions.Operation("checksum")
+    with FileBackend(str(path), "r", direct=False) as b:
+        g = gevent.spawn(ops.checksum, b, runner, op, 2**63 - 1, "blake2b", MiB,
+                         buffers(MiB)[0])
+        # This loop runs only while the checksum gives the event loop back:
+        # it sees the progress of step after step.
+        seen = set()
+        deadline = gevent.get_hub().loop.now() + 30
+        while len(seen) < 4 and gevent.get_hub().loop.now() < deadline:
+            if op.done:
+                seen.add(op.done)
+            gevent.sleep(0.005)
+        op.cancel()
+        g.join(10)
+    assert len(seen) >= 4
+    assert g.dead
+    assert isinstance(g.exception, errors.Canceled)
+    # The data block, then steps of whole zero runs, never a block at a time.
+    assert all((done - MiB) % (ops.ZERO_RUN_STEP_BLOCKS * MiB) == 0 for done in seen)

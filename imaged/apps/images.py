@@ -197,8 +197,12 @@ class Extents:
         length = validate.query_integer(query, "length", None)
         conn = client(self.service)
         session = self.service.session(session_id, "read", conn, token())
-        return web.json_response(
-            self.service.extents(session, conn, start, length, context))
+        chunks = self.service.extents(session, conn, start, length, context)
+        # Streamed (chunked): a list of millions of extents is never whole
+        # in memory nor built in the event loop.
+        body = web.StreamResponse(chunks, transport.link(bottle.request.environ))
+        return bottle.HTTPResponse(body, status=200,
+                                   **{"Content-Type": "application/json"})
 
 
 class Checksum:
