@@ -149,6 +149,13 @@ class Conn:
                 raise HTTPError("connection closed in the headers")
             name, _, value = h.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
+        if method != "HEAD" and status not in (204, 304) \
+                and headers.get("transfer-encoding", "").lower() == "chunked":
+            # Streamed answers (extents) come chunked.
+            body = self._read_chunked()
+            if headers.get("connection", "").lower() == "close":
+                self.close()
+            return status, headers, body
         length = int(headers.get("content-length", "0"))
         if method == "HEAD" or status in (204, 304):
             length = 0
@@ -168,6 +175,24 @@ class Conn:
         if headers.get("connection", "").lower() == "close":
             self.close()
         return status, headers, body
+
+    def _read_chunked(self):
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(65537)
+            if not line:
+                raise HTTPError("connection closed in a chunked body")
+            size = int(line.split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                # Trailers, up to the empty line.
+                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                    pass
+                return bytes(body)
+            data = self.rfile.read(size)
+            if len(data) != size:
+                raise HTTPError("connection closed in a chunked body")
+            body += data
+            self.rfile.readline(65537)
 
 
 # The daemon.
