@@ -37,16 +37,17 @@ venv-nbd: $(STAMP)
 
 # Tools the end-to-end tests drive (curl as a real client, openssl for test
 # certificates; losetup, mkfs.ext4 and dmsetup for the disk fault tests;
-# qemu-img and qemu-nbd for ovirt-imageio's upload/download in the
-# compatibility tests and the NBD exports of the NBD backend tests, qemu-io
-# to write into them, nbdinfo to look at them, nbdkit for exports qemu-nbd
-# cannot make: without multi-conn; Debian's chromium and its chromedriver
-# for the lab page's browser test, driven by Selenium, never a downloaded
-# browser), as tool:package; and Python
-# modules of the system python as module:package (python3-libnbd: the NBD
-# backend, see venv-nbd). Installed with apt when missing and we may;
-# otherwise the tests needing them skip and say why.
-SYSDEPS := curl:curl openssl:openssl losetup:mount mkfs.ext4:e2fsprogs dmsetup:dmsetup qemu-nbd:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdkit:nbdkit \
+# qemu-img and qemu-nbd for imaged-client's format conversion, for
+# ovirt-imageio's upload/download in the compatibility tests and the NBD
+# exports of the NBD backend tests, qemu-io to write into them, nbdinfo to
+# look at them, nbdkit for exports qemu-nbd cannot make: without
+# multi-conn; Debian's chromium and its chromedriver for the lab page's
+# browser test, driven by Selenium, never a downloaded browser), as
+# tool:package; and Python modules of the system python as module:package
+# (python3-libnbd: the NBD backend and imaged-client's NBD library, see
+# venv-nbd). Installed with apt when missing and we may; otherwise the tests
+# needing them skip and say why.
+SYSDEPS := curl:curl openssl:openssl losetup:mount mkfs.ext4:e2fsprogs dmsetup:dmsetup qemu-nbd:qemu-utils qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdkit:nbdkit \
 	chromium:chromium chromedriver:chromium-driver
 SYSPYDEPS := nbd:python3-libnbd
 sysdeps:

@@ -23,6 +23,7 @@ from .. import __version__
 from .. import blkhash
 from . import api
 from . import errors
+from . import formats
 from . import http
 from . import progress as progress_mod
 from .progress import format_size
@@ -63,6 +64,16 @@ def _positive_int(text):
     return value
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
 def _seconds(text):
     try:
         value = float(text)
@@ -83,6 +94,15 @@ def build_parser():
     g.add_argument("--timeout", type=_seconds, default=api.DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"give up when the server does not answer for this long "
                         f"(default {api.DEFAULT_TIMEOUT:g})")
+    g.add_argument("--retries", type=_non_negative_int, default=api.DEFAULT_RETRIES,
+                   metavar="N",
+                   help="retry a request this many times after a reset connection, "
+                        f"a timeout or a 502/503/504 (default {api.DEFAULT_RETRIES}; "
+                        "0: never)")
+    g.add_argument("--retry-delay", type=_seconds, default=api.DEFAULT_RETRY_DELAY,
+                   metavar="SECONDS",
+                   help="wait before the first retry of a request, doubled before "
+                        f"each next one (default {api.DEFAULT_RETRY_DELAY:g})")
     g.add_argument("--no-unix-socket", dest="use_unix_socket", action="store_false",
                    help="do not use the server's local unix socket even when the "
                         "server runs on this host")
@@ -125,19 +145,43 @@ def build_parser():
                               epilog=EXIT_STATUS,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    p = add("upload", "upload a local file (raw image) to the image", [moving, common])
+    p = add("upload", "upload a local image (raw, qcow2, vmdk, vhdx, vpc) to the image; "
+                      "FILE - reads raw bytes from stdin", [moving, common])
     p.add_argument("file", metavar="FILE")
     p.add_argument("url", metavar="URL")
+    t = p.add_argument_group("format and resume options")
+    t.add_argument("--format", choices=formats.FORMATS,
+                   help="format of FILE (default: detected); raw sends any file "
+                        "as its bytes")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted upload: compare per-block checksums "
+                        "and send only the blocks that differ (also to another host)")
 
-    p = add("download", "download the image to a local file (sparse)", [moving, common])
+    p = add("download", "download the image to a local file (sparse, raw or qcow2); "
+                        "FILE - writes raw bytes to stdout", [moving, common])
     p.add_argument("url", metavar="URL")
     p.add_argument("file", metavar="FILE")
+    t = p.add_argument_group("format, backup and resume options")
+    t.add_argument("--format", choices=formats.DOWNLOAD_FORMATS, default="raw",
+                   help="format of FILE (default raw)")
+    t.add_argument("--backing-file", metavar="FILE",
+                   help="with --format qcow2: create FILE on top of this image")
+    t.add_argument("--incremental", action="store_true",
+                   help="download only the extents changed since the last backup "
+                        "(a session with dirty extents) into a qcow2 on top of "
+                        "--backing-file, the previous backup")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted download into an existing raw FILE: "
+                        "fetch only the blocks that differ")
 
     p = add("checksum", "print the server's checksum of the image", [common])
     p.add_argument("url", metavar="URL")
     p.add_argument("--compare", metavar="FILE",
                    help="compare with the checksum of this local file (exit "
                         f"{errors.EXIT_VERIFY} on mismatch)")
+    p.add_argument("--format", choices=formats.FORMATS,
+                   help="format of the --compare FILE (default: detected); its guest "
+                        "data is compared")
     p.add_argument("--algorithm", default=blkhash.ALGORITHM,
                    help=f"hash algorithm (default {blkhash.ALGORITHM})")
     p.add_argument("--block-size", type=_size, default=blkhash.BLOCK_SIZE, metavar="SIZE",
@@ -178,7 +222,7 @@ def _make_progress(args):
         return progress_mod.Progress()
     if args.json:
         interval = 1.0 if args.progress_interval is None else args.progress_interval
-        return progress_mod.JsonLines(sys.stdout, interval=interval)
+        return progress_mod.JsonLines(args.out, interval=interval)
     if args.progress_interval is None and sys.stderr.isatty():
         return progress_mod.Bar(sys.stderr)
     interval = 10.0 if args.progress_interval is None else args.progress_interval
@@ -187,34 +231,65 @@ def _make_progress(args):
 
 def _connection_args(args):
     return {"cafile": args.cafile, "insecure": args.insecure,
-            "timeout": args.timeout, "use_unix_socket": args.use_unix_socket}
+            "timeout": args.timeout, "use_unix_socket": args.use_unix_socket,
+            "retries": args.retries, "retry_delay": args.retry_delay}
 
 
 def _out(args, text=None, event=None):
-    """Print a result: `text` normally, `event` as a JSON line with --json."""
+    """
+    Print a result: `text` normally, `event` as a JSON line with --json;
+    on stderr when stdout carries the image.
+    """
     if args.json:
         if event is not None:
-            print(json.dumps(event), flush=True)
+            print(json.dumps(event), file=args.out, flush=True)
     elif text is not None:
-        print(text, flush=True)
+        print(text, file=args.out, flush=True)
 
 
 def _transfer(args):
     progress = _make_progress(args)
-    kwargs = dict(_connection_args(args), connections=args.connections,
-                  verify=args.verify, detect_zeroes=args.detect_zeroes,
-                  buffer_size=args.buffer_size, progress=progress)
-    if args.command == "upload":
-        result = api.upload(args.file, args.url, **kwargs)
-        verb = "uploaded"
+    kwargs = dict(_connection_args(args), buffer_size=args.buffer_size,
+                  progress=progress)
+    streaming = args.file == "-"
+    if streaming:
+        given = [o for o, v in (("--verify", args.verify), ("--resume", args.resume),
+                                ("--connections", args.connections),
+                                ("--detect-zeroes", args.detect_zeroes))
+                 if v]
+        if args.command == "download" and (args.format != "raw" or args.backing_file
+                                           or args.incremental):
+            given.append("--format/--backing-file/--incremental")
+        if args.command == "upload" and args.format not in (None, "raw"):
+            given.append("--format")
+        if given:
+            raise errors.UsageError(
+                f"{', '.join(given)} cannot be used with - (a stream of raw bytes)")
+        if args.command == "upload":
+            result = api.upload_stream(sys.stdin.buffer, args.url, **kwargs)
+        else:
+            sys.stdout.flush()
+            result = api.download_stream(args.url, sys.stdout.buffer, **kwargs)
     else:
-        result = api.download(args.url, args.file, **kwargs)
-        verb = "downloaded"
+        kwargs.update(connections=args.connections, verify=args.verify,
+                      detect_zeroes=args.detect_zeroes, resume=args.resume,
+                      format=args.format)
+        if args.command == "upload":
+            result = api.upload(args.file, args.url, **kwargs)
+        else:
+            result = api.download(args.url, args.file, backing_file=args.backing_file,
+                                  incremental=args.incremental, **kwargs)
+    verb = "uploaded" if args.command == "upload" else "downloaded"
     transport = "the unix socket" if result.transport == "unix" else result.transport.upper()
     text = (f"{verb} {format_size(result.size)} in {result.elapsed:.1f} s "
             f"({format_size(result.rate)}/s): {format_size(result.data_bytes)} data, "
             f"{format_size(result.zero_bytes)} zero; {result.connections} "
-            f"connection{'s' if result.connections > 1 else ''} over {transport}")
+            f"connection{'s' if result.connections > 1 else ''} over {transport}; "
+            f"{result.retries} retr{'y' if result.retries == 1 else 'ies'}")
+    if result.format != "raw":
+        text += f"; local image {result.format}"
+    if args.resume:
+        text += f"\nresumed: {format_size(result.skipped_bytes)} already in place"
     if result.checksum:
         text += (f"\nverified: {result.checksum['algorithm']} checksum "
                  f"{result.checksum['checksum']} matches")
@@ -226,7 +301,7 @@ def _checksum(args):
         progress = _make_progress(args)
         result = api.verify(args.compare, args.url, algorithm=args.algorithm,
                             block_size=args.block_size, progress=progress,
-                            **_connection_args(args))
+                            format=args.format, **_connection_args(args))
         _out(args, f"checksum matches: {result['algorithm']} {result['checksum']}",
              dict({"event": "result", "verified": True}, **result))
         return
@@ -268,6 +343,9 @@ def main(argv=None):
     except SystemExit as e:
         # --help and --version exit 0, usage errors 2.
         return e.code if isinstance(e.code, int) else errors.EXIT_USAGE
+    # Results go to stdout, unless stdout carries the image.
+    args.out = sys.stderr if (args.command == "download" and args.file == "-") \
+        else sys.stdout
     with _logging_to_stderr(args.verbose):
         try:
             COMMANDS[args.command](args)
@@ -276,6 +354,9 @@ def main(argv=None):
             what = args.command if args.command in ("upload", "download") else "operation"
             return _fail(args, "interrupted", f"the {what} did not complete",
                          errors.EXIT_INTERRUPTED)
+        except errors.UsageError as e:
+            print(f"{PROG} {args.command}: error: {e}", file=sys.stderr, flush=True)
+            return errors.EXIT_USAGE
         except errors.ClientError as e:
             return _fail(args, "error", str(e), e.exit_code)
         except OSError as e:
@@ -290,7 +371,7 @@ def _fail(args, label, message, code):
     if args.json:
         try:
             print(json.dumps({"event": label, "message": message, "exit_code": code}),
-                  flush=True)
+                  file=args.out, flush=True)
         except OSError:
             pass
     return code

@@ -23,6 +23,12 @@ class ClientError(Exception):
     exit_code = EXIT_ERROR
 
 
+class UsageError(ClientError):
+    """Options that do not go together."""
+
+    exit_code = EXIT_USAGE
+
+
 class UnsupportedError(ClientError):
     """The server (or the session) cannot do what was asked."""
 

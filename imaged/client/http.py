@@ -9,8 +9,10 @@ become HTTPError subclasses carrying the server's short message.
 
 Keep-alive connections idle for long may have been closed by the server;
 a request that fails before any response byte on a reused connection is
-sent once more on a new connection. Every images API request is
-idempotent (PUT and GET carry explicit ranges), so a retry is safe.
+sent once more on a new connection at once. Every images API request is
+idempotent (PUT and GET carry explicit ranges), so a retry is safe; other
+transient failures are retried with a backoff one level up (see
+imaged.client.retry).
 """
 
 import http.client
@@ -145,6 +147,8 @@ class Connection:
         self.unix_socket = unix_socket
         self._aborted = False
         self._method = None  # of the request being answered, for messages
+        # Called when a request is sent again at once on a new connection.
+        self.on_retry = None
         if unix_socket:
             self.transport = "unix"
             self.where = f"unix socket {show_unix_socket(unix_socket)}"
@@ -207,6 +211,8 @@ class Connection:
                         and isinstance(first, _STALE_ERRORS)):
                     log.debug("connection to %s was closed while idle, reconnecting",
                               self.where)
+                    if self.on_retry is not None:
+                        self.on_retry()
                     continue
                 raise self._failure(method, first) from None
             break
@@ -218,7 +224,7 @@ class Connection:
         # Connecting apart from sending tells a refused connection or a
         # failed TLS handshake from a request the server did not take.
         if self._aborted:
-            raise errors.ConnectionLostError(f"connection to {self.where} aborted")
+            raise _aborted(self.where)
         try:
             self._conn.connect()
         except (OSError, http.client.HTTPException) as e:
@@ -271,6 +277,10 @@ class Connection:
         if len(data) > limit:
             self.close()
             raise errors.ClientError(f"response from {self.where} is too large")
+        if resp.length:
+            # read(amt) returns what came before the connection was lost.
+            self.close()
+            raise self._failure(self._method, http.client.IncompleteRead(data, resp.length))
         return data
 
     def discard(self, resp):
@@ -307,7 +317,7 @@ class Connection:
     def _failure(self, method, e, connecting=False):
         """The ClientError for a network failure `e` during `method`."""
         if self._aborted:
-            return errors.ConnectionLostError(f"connection to {self.where} aborted")
+            return _aborted(self.where)
         if isinstance(e, socket.timeout):
             return errors.TransferTimeout(
                 f"timed out after {self.timeout:g} s waiting for {self.where}")
@@ -355,6 +365,13 @@ class Connection:
         if resp.status == 416:
             return errors.OutOfRangeError(text, resp.status)
         return errors.HTTPError(text, resp.status)
+
+
+def _aborted(where):
+    e = errors.ConnectionLostError(f"connection to {where} aborted")
+    # Stopped on purpose (see abort()): never retried.
+    e.aborted = True
+    return e
 
 
 def _show_host(host, port):

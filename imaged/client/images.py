@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from . import errors
 from . import http
+from . import retry as retry_mod
 
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(?:\d+-\d+|\*)\s*/\s*(\d+)\s*$")
 
@@ -65,12 +66,31 @@ class Options(NamedTuple):
 BASIC_OPTIONS = Options(False, ("GET", "PUT"), (), 1, 1, None)
 
 
-class ImageClient:
-    """Requests on one image through one `http.Connection`."""
+class DirtyExtent(NamedTuple):
+    """A range of the image; `dirty`: changed since the bitmap was made."""
 
-    def __init__(self, conn):
+    start: int
+    length: int
+    dirty: bool
+    zero: bool
+
+
+class ImageClient:
+    """
+    Requests on one image through one `http.Connection`.
+
+    Every request is idempotent: a transient failure (see
+    imaged.client.retry) is retried with `retry`, on a new connection.
+    """
+
+    def __init__(self, conn, retry=None):
         self.conn = conn
         self.path = conn.path
+        self.retry = retry or retry_mod.Retry(0)
+        conn.on_retry = self.retry.counted
+
+    def _call(self, what, func, *args):
+        return self.retry.call(what, lambda: func(*args), self.conn.close)
 
     @property
     def transport(self):
@@ -80,10 +100,14 @@ class ImageClient:
         self.conn.close()
 
     def abort(self):
+        self.retry.stop()
         self.conn.abort()
 
     def options(self):
         """The server's Options for this session."""
+        return self._call("OPTIONS", self._options)
+
+    def _options(self):
         resp = self.conn.request("OPTIONS", self.path, ok=(200, 204, 405, 501))
         data = self.conn.read_all(resp)
         if resp.status in (405, 501):
@@ -114,6 +138,9 @@ class ImageClient:
 
     def size(self):
         """The image size, from the Content-Range of a one byte GET."""
+        return self._call("GET", self._size)
+
+    def _size(self):
         resp = self.conn.request("GET", self.path, headers={"Range": "bytes=0-0"},
                                  ok=(200, 206, 416))
         if resp.status == 200:
@@ -138,32 +165,65 @@ class ImageClient:
         window is then asked with `start`. Servers that ignore `start`
         answer from 0 again, which is handled by skipping what is known.
         """
+        for e in self._windows(size, "zero"):
+            yield Extent(e["start"], e["length"], e["zero"])
+
+    def dirty_extents(self, size):
+        """
+        Yield the DirtyExtents of [0, size) (extents?context=dirty).
+        A session without dirty extents answers 404: UnsupportedError.
+        """
+        try:
+            for e in self._windows(size, "dirty"):
+                yield DirtyExtent(e["start"], e["length"], e["dirty"], e["zero"])
+        except errors.HTTPError as e:
+            if e.status != 404:
+                raise
+            raise errors.UnsupportedError(
+                f"the session has no dirty extents, so an incremental backup is "
+                f"impossible (a session without dirty: true, or an export without "
+                f"a dirty bitmap): {e}") from None
+
+    def _windows(self, size, context):
         pos = 0
+        keys = ("zero",) if context == "zero" else ("dirty", "zero")
         while pos < size:
-            target = f"{self.path}/extents" + (f"?start={pos}" if pos else "")
-            resp = self.conn.request("GET", target)
-            data = self.conn.read_all(resp, limit=256 * 1024**2)
+            query = [] if context == "zero" else [f"context={context}"]
+            if pos:
+                query.append(f"start={pos}")
+            target = f"{self.path}/extents" + ("?" + "&".join(query) if query else "")
+            data = self._call("GET extents", self._get_json, target, 256 * 1024**2)
             try:
-                items = json.loads(data)
-                exts = [Extent(int(e["start"]), int(e["length"]), bool(e["zero"]))
-                        for e in items]
+                exts = [(int(e["start"]), int(e["length"]),
+                         {k: bool(e[k]) for k in keys}) for e in data]
             except (ValueError, TypeError, KeyError):
                 raise errors.ClientError("server sent invalid extents") from None
             advanced = False
-            for ext in exts:
-                end = min(ext.start + ext.length, size)
+            for start, length, flags in exts:
+                end = min(start + length, size)
                 if end <= pos:
                     continue
-                if ext.start > pos:
+                if start > pos:
                     raise errors.ClientError("server sent extents with a gap")
-                yield Extent(pos, end - pos, ext.zero)
+                yield dict(flags, start=pos, length=end - pos)
                 pos = end
                 advanced = True
             if not advanced:
                 raise errors.ClientError("server sent extents not covering the image")
 
+    def _get_json(self, target, limit=16 * 1024**2, timeout=http.DEFAULT):
+        resp = self.conn.request("GET", target, timeout=timeout)
+        data = self.conn.read_all(resp, limit=limit)
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise errors.ClientError("server sent invalid JSON") from None
+
     def read_into(self, offset, view):
         """Read len(view) bytes at `offset` into `view`."""
+        self._call("GET", self._read_into, offset, view)
+
+    def _read_into(self, offset, view):
         last = offset + len(view) - 1
         resp = self.conn.request("GET", self.path,
                                  headers={"Range": f"bytes={offset}-{last}"},
@@ -191,7 +251,10 @@ class ImageClient:
             target += "?flush=" + ("y" if flush else "n")
         headers = {"Content-Range": f"bytes {offset}-{offset + length - 1}/*",
                    "Content-Type": "application/octet-stream"}
-        resp = self.conn.request("PUT", target, body=body, headers=headers)
+        self._call("PUT", self._request, "PUT", target, body, headers)
+
+    def _request(self, method, target, body, headers):
+        resp = self.conn.request(method, target, body=body, headers=headers)
         self.conn.discard(resp)
 
     def zero(self, offset, length, flush=False):
@@ -202,24 +265,49 @@ class ImageClient:
 
     def _patch(self, msg):
         body = json.dumps(msg).encode()
-        resp = self.conn.request("PATCH", self.path, body=body,
-                                 headers={"Content-Type": "application/json"})
-        self.conn.discard(resp)
+        self._call("PATCH", self._request, "PATCH", self.path, body,
+                   {"Content-Type": "application/json"})
 
     def checksum(self, algorithm, block_size):
         """The server's block checksum of the whole image (a dict)."""
         # Hashing a big image takes long before the first response byte:
         # wait without a deadline (Ctrl-C still stops the client).
-        resp = self.conn.request(
-            "GET", f"{self.path}/checksum?algorithm={algorithm}&block_size={block_size}",
-            timeout=None)
-        try:
-            result = json.loads(self.conn.read_all(resp))
-        except ValueError:
-            result = None
+        result = self._call(
+            "GET checksum", self._get_json,
+            f"{self.path}/checksum?algorithm={algorithm}&block_size={block_size}",
+            16 * 1024**2, None)
         if not isinstance(result, dict) or not isinstance(result.get("checksum"), str):
             raise errors.ClientError("server sent an invalid checksum answer")
         return result
+
+    def blocks(self, algorithm, block_size, start, length):
+        """
+        Yield (offset, raw digest) of the blocks of [start, start + length)
+        (GET .../checksum/blocks), asking again where the server answered
+        fewer blocks than asked.
+        """
+        end = start + length
+        pos = start
+        while pos < end:
+            result = self._call(
+                "GET checksum blocks", self._get_json,
+                f"{self.path}/checksum/blocks?algorithm={algorithm}"
+                f"&block_size={block_size}&start={pos}&length={end - pos}",
+                16 * 1024**2, None)
+            try:
+                if result["start"] != pos:
+                    raise ValueError
+                digests = [bytes.fromhex(d) for d in result["blocks"]]
+            except (ValueError, TypeError, KeyError):
+                raise errors.ClientError("server sent an invalid checksum blocks answer") \
+                    from None
+            if not digests:
+                raise errors.ClientError("server sent no checksum blocks")
+            for d in digests:
+                if pos >= end:
+                    raise errors.ClientError("server sent more blocks than asked")
+                yield pos, d
+                pos += block_size
 
 
 def _limit(value):

@@ -80,12 +80,121 @@ def pwrite_all(fd, view, offset):
         done += os.pwritev(fd, [view[done:]], offset + done)
 
 
+class FileReader:
+    """Reads of an open local file (see transfer.UploadWorker)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def readinto(self, view, offset):
+        pread_exactly(self.fd, view, offset)
+
+    def close(self):
+        pass
+
+
+class FileSink:
+    """Writes into an open local file (see transfer.DownloadWorker)."""
+
+    # Zeroes are written from one buffer of this size, made on first use.
+    ZERO_CHUNK_BYTES = 1024**2
+
+    def __init__(self, fd):
+        self.fd = fd
+        self._zeroes = None
+
+    def pwrite(self, view, offset):
+        pwrite_all(self.fd, view, offset)
+
+    def zero(self, offset, length):
+        if self._zeroes is None:
+            self._zeroes = memoryview(bytes(self.ZERO_CHUNK_BYTES))
+        end = offset + length
+        while offset < end:
+            n = min(len(self._zeroes), end - offset)
+            pwrite_all(self.fd, self._zeroes[:n], offset)
+            offset += n
+
+    def close(self):
+        pass
+
+
+def write_all(fd, view):
+    """Write all of `view` to `fd` (a pipe or a file) at its position."""
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+
+
 def validate_checksum_args(algorithm, block_size):
     """Raise ClientError unless the server would accept these arguments."""
     try:
         blkhash.validate(algorithm, block_size)
     except daemon_errors.Error as e:
         raise errors.ClientError(e.message) from None
+
+
+def block_digests(reader, extents, size, algorithm=blkhash.ALGORITHM,
+                  block_size=blkhash.BLOCK_SIZE, progress=None):
+    """
+    Yield (start, length, zero, raw digest) for each checksum block of an
+    image of `size` bytes read by `reader` (readinto(view, offset)) whose
+    Extents are `extents`: the digests the server's checksum and checksum
+    blocks are made of. Zero extents are not read.
+    """
+    buf = bytearray(block_size)
+    with memoryview(buf) as mv:
+        for block in blkhash.split(extents, block_size):
+            if block.zero:
+                zero = True
+            else:
+                view = mv[:block.length]
+                reader.readinto(view, block.start)
+                # Comparing is much cheaper than hashing, and the zero
+                # digest is precomputed: same result, less CPU.
+                zero = util.is_zero(view)
+            if zero:
+                digest = blkhash.zero_block_digest(block.length, algorithm)
+            else:
+                digest = blkhash.block_digest(view, algorithm)
+            yield block.start, block.length, zero, digest
+            if progress is not None:
+                progress.update(block.length)
+
+
+class PaddedFileReader(FileReader):
+    """A file read as if it were zero-padded past its end to any size."""
+
+    def __init__(self, fd, file_size):
+        super().__init__(fd)
+        self.file_size = file_size
+
+    def readinto(self, view, offset):
+        # A block may cross the end of a file smaller than the image: the
+        # rest of it is zeroes.
+        inside = max(0, min(len(view), self.file_size - offset))
+        pread_exactly(self.fd, view[:inside], offset)
+        if inside < len(view):
+            view[inside:] = bytes(len(view) - inside)
+
+
+def padded_extents(fd, file_size, size):
+    """Extents of the file `fd` zero-padded (or cut) to `size`."""
+    yield from extents(fd, min(file_size, size))
+    if size > file_size:
+        yield Extent(file_size, size - file_size, True)
+
+
+def checksum_of(reader, extents, size, algorithm=blkhash.ALGORITHM,
+                block_size=blkhash.BLOCK_SIZE, progress=None):
+    """The block checksum {"algorithm", "block_size", "checksum"} of an image."""
+    validate_checksum_args(algorithm, block_size)
+    h = blkhash.Hash(block_size, algorithm)
+    for _, _, _, digest in block_digests(reader, extents, size, algorithm,
+                                         block_size, progress):
+        h.add_digest(digest)
+    return {"algorithm": algorithm, "block_size": block_size,
+            "checksum": h.hexdigest()}
 
 
 def checksum(path, size=None, algorithm=blkhash.ALGORITHM,
@@ -107,34 +216,7 @@ def checksum(path, size=None, algorithm=blkhash.ALGORITHM,
         fsize = file_size(fd)
         if size is None:
             size = fsize
-
-        def all_extents():
-            yield from extents(fd, min(fsize, size))
-            if size > fsize:
-                yield Extent(fsize, size - fsize, True)
-
-        h = blkhash.Hash(block_size, algorithm)
-        buf = bytearray(block_size)
-        with memoryview(buf) as mv:
-            for block in blkhash.split(all_extents(), block_size):
-                if block.zero:
-                    h.zero(block.length)
-                else:
-                    view = mv[:block.length]
-                    # A block may cross the end of a file smaller than the
-                    # image: the rest of it is zeroes.
-                    inside = max(0, min(block.length, fsize - block.start))
-                    pread_exactly(fd, view[:inside], block.start)
-                    view[inside:] = bytes(block.length - inside)
-                    # Comparing is much cheaper than hashing, and the zero
-                    # digest is precomputed: same result, less CPU.
-                    if util.is_zero(view):
-                        h.zero(block.length)
-                    else:
-                        h.update(view)
-                if progress is not None:
-                    progress.update(block.length)
+        return checksum_of(PaddedFileReader(fd, fsize), padded_extents(fd, fsize, size),
+                           size, algorithm, block_size, progress)
     finally:
         os.close(fd)
-    return {"algorithm": algorithm, "block_size": block_size,
-            "checksum": h.hexdigest()}

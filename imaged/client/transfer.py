@@ -19,7 +19,6 @@ from typing import NamedTuple
 
 from .. import util
 from . import errors
-from . import local
 
 # Largest zero request. Zeroing is fast on the server (fallocate) but may
 # fall back to writing zeroes; 1 GiB keeps each request well within the
@@ -125,9 +124,8 @@ def run(items, workers):
 class _Worker:
     """State shared by upload and download workers."""
 
-    def __init__(self, image, fd, chunk_size, progress, detect_zeroes):
+    def __init__(self, image, chunk_size, progress, detect_zeroes):
         self.image = image
-        self.fd = fd
         self.chunk_size = chunk_size
         self.progress = progress
         self.detect_zeroes = detect_zeroes
@@ -150,10 +148,15 @@ class _Worker:
 
 
 class UploadWorker(_Worker):
-    """Sends items of a local file: data as PUT, zeroes as PATCH zero."""
+    """
+    Sends items of a local image: data as PUT, zeroes as PATCH zero.
+    `source` reads the image: readinto(view, offset) (see local.FileReader,
+    formats.NbdReader).
+    """
 
-    def __init__(self, image, fd, chunk_size, progress, options, detect_zeroes=False):
-        super().__init__(image, fd, chunk_size, progress, detect_zeroes)
+    def __init__(self, image, source, chunk_size, progress, options, detect_zeroes=False):
+        super().__init__(image, chunk_size, progress, detect_zeroes)
+        self.source = source
         self.can_zero = options.has("zero")
         # Servers with the flush feature accept ?flush=n: one flush at the
         # end instead of one per request. Others get no parameter.
@@ -175,7 +178,7 @@ class UploadWorker(_Worker):
             self.data_bytes += item.length
             return
         view = self._view(item.length)
-        local.pread_exactly(self.fd, view, item.start)
+        self.source.readinto(view, item.start)
         if self.detect_zeroes and util.is_zero(view):
             self._zero(item.start, item.length)
             return
@@ -189,7 +192,7 @@ class UploadWorker(_Worker):
         while pos < end:
             view = self._view(min(self.chunk_size, end - pos))
             try:
-                local.pread_exactly(self.fd, view, pos)
+                self.source.readinto(view, pos)
             except OSError as e:
                 raise errors.ClientError(
                     f"reading the local file at {pos} failed: {e.strerror}") from None
@@ -221,18 +224,29 @@ class UploadWorker(_Worker):
 
 class DownloadWorker(_Worker):
     """
-    Fetches data items into a local file that starts as one big hole:
-    zero items need nothing, so they stay holes.
+    Fetches data items into a local image that starts as one big hole:
+    zero items need nothing, so they stay holes; with `write_zeroes` (an
+    image on top of a backing file, or one with old content), zero items are
+    zeroed there. `sink` writes the image: pwrite(view, offset),
+    zero(offset, length) (see local.FileSink, formats.NbdWriter).
     """
+
+    def __init__(self, image, sink, chunk_size, progress, detect_zeroes=False,
+                 write_zeroes=False):
+        super().__init__(image, chunk_size, progress, detect_zeroes)
+        self.sink = sink
+        self.write_zeroes = write_zeroes
 
     def handle(self, item):
         if not item.zero:
             view = self._view(item.length)
             self.image.read_into(item.start, view)
             if not (self.detect_zeroes and util.is_zero(view)):
-                local.pwrite_all(self.fd, view, item.start)
+                self.sink.pwrite(view, item.start)
                 self.data_bytes += item.length
                 self.progress.update(item.length)
                 return
+        if self.write_zeroes:
+            self.sink.zero(item.start, item.length)
         self.zero_bytes += item.length
         self.progress.update(item.length)

@@ -250,6 +250,115 @@ class SlowProxy:
             s.close()
 
 
+class CuttingProxy:
+    """
+    A TCP relay to `target` that breaks connections, as a flaky network or
+    a restarting host does: each of the first `cut_connections` connections
+    is cut (both sockets closed) after `cut_after` bytes went through it,
+    both directions counted, so in the middle of a request body or of a
+    response; and every `busy_every`-th new connection (if set) is answered
+    503 and closed instead of being relayed. Counts `cuts` and `busy`.
+    """
+
+    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 5\r\nConnection: close\r\n\r\nbusy\n")
+
+    def __init__(self, target, cut_after, cut_connections=3, busy_every=None):
+        self.target = target
+        self.cut_after = cut_after
+        self.cut_connections = cut_connections
+        self.busy_every = busy_every
+        self.cuts = 0
+        self.busy = 0
+        self.accepted = 0
+        self.relayed = 0
+        self._socks = []
+        self._lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, sid):
+        return f"http://127.0.0.1:{self.port}/images/{sid}"
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.busy_every and self.accepted % self.busy_every == 0:
+                self.busy += 1
+                threading.Thread(target=self._busy, args=(client,), daemon=True).start()
+                continue
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._socks += [client, upstream]
+            self.relayed += 1
+            budget = [self.cut_after if self.relayed <= self.cut_connections else None]
+            threading.Thread(target=self._pump, args=(client, upstream, budget),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, budget),
+                             daemon=True).start()
+
+    def _busy(self, client):
+        try:
+            client.recv(64 * KiB)
+            client.sendall(self.BUSY)
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+    def _pump(self, src, dst, budget):
+        try:
+            while True:
+                data = src.recv(64 * KiB)
+                if not data:
+                    break
+                with self._lock:
+                    left = budget[0]
+                    cut = left is not None and len(data) >= left
+                    if cut and left >= 0:
+                        # The other direction sees -1: already cut.
+                        budget[0] = -1
+                        self.cuts += 1
+                    elif left is not None and not cut:
+                        budget[0] -= len(data)
+                    left = max(left or 0, 0)
+                if cut:
+                    dst.sendall(data[:left])
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            # Closed, not only shut down: a peer still sending gets a reset
+            # at once instead of filling a buffer nobody reads.
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self):
+        self.listener.close()
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
 # A server of the old images API.
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)$")

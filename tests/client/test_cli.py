@@ -351,7 +351,8 @@ def test_ctrl_c(server, slow_proxy, tmp_path):
 
 def test_timeout(server, slow_proxy, tmp_path):
     proc, proxy, sid = slow_transfer(server, slow_proxy, tmp_path, "download",
-                                     "--timeout", "1")
+                                     "--timeout", "1", "--retries", "1",
+                                     "--retry-delay", "0.1")
     proxy.pause()
     code, out, err = finish(proc)
     assert code == 5, err
@@ -359,7 +360,8 @@ def test_timeout(server, slow_proxy, tmp_path):
 
 
 def test_connection_lost(server, slow_proxy, tmp_path):
-    proc, proxy, sid = slow_transfer(server, slow_proxy, tmp_path, "upload")
+    proc, proxy, sid = slow_transfer(server, slow_proxy, tmp_path, "upload",
+                                     "--retries", "1", "--retry-delay", "0.1")
     proxy.close()
     code, out, err = finish(proc)
     assert code == 5, err

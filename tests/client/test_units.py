@@ -270,7 +270,8 @@ def test_upload_progress_counted_once_when_a_request_is_resent(tmp_path):
     image = ResendingImage()
     fd = os.open(path, os.O_RDONLY)
     try:
-        worker = transfer.UploadWorker(image, fd, 2 * 4096, recording, BASIC_OPTIONS)
+        worker = transfer.UploadWorker(image, local.FileReader(fd), 2 * 4096, recording,
+                                       BASIC_OPTIONS)
         worker.handle(transfer.Item(0, len(data), False))
     finally:
         os.close(fd)
