@@ -314,6 +314,8 @@ def upload(path, url, *, connections=None, verify=False, detect_zeroes=False,
                      "left unchanged", path, size, image_size - 1)
         if not opts.has("zero"):
             log.info("the server cannot zero: sending holes as zeroes")
+        if src.format in formats.DETECT_ZEROES_FORMATS:
+            detect_zeroes = True
         count = _connections(connections, opts, "writer", size, buffer_size)
         request_size = _upload_request_size(size, count, buffer_size, detect_zeroes)
 

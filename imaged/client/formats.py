@@ -31,6 +31,11 @@ log = logging.getLogger("imaged.client")
 
 # Formats a source may have; the names are qemu's.
 FORMATS = ("raw", "qcow2", "vmdk", "vhdx", "vpc")
+# Formats whose qemu driver reports zeroed or never written areas as data
+# (measured with qemu 7.2: a 24 MiB vhdx with 4 MiB of data maps as 24 MiB of
+# data, a vpc as 10 MiB): their data chunks are checked for zeroes, so that
+# zero areas still go as zero requests.
+DETECT_ZEROES_FORMATS = ("vmdk", "vhdx", "vpc")
 # Formats a download may write.
 DOWNLOAD_FORMATS = ("raw", "qcow2")
 
