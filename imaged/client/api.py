@@ -360,7 +360,9 @@ def _resume_plan(target, reader, extents, size, progress, upload,
     An upload sends a differing block as data, or as zero when it is zero
     here; a download fetches it, or zeroes it here when it is zero there.
     """
-    _require_checksum(target.options)
+    if not target.options.has("checksum"):
+        raise errors.UnsupportedError(
+            "the server does not offer checksums, needed by --resume")
     zero_digests = {}
     remote = {}
 
@@ -537,14 +539,14 @@ def download_stream(url, stream, *, retries=DEFAULT_RETRIES,
 
 
 def download(url, path, *, connections=None, verify=False, detect_zeroes=False,
-             format="raw", backing_file=None, incremental=False, resume=False,
+             format=None, backing_file=None, incremental=False, resume=False,
              retries=DEFAULT_RETRIES, retry_delay=DEFAULT_RETRY_DELAY,
              cafile=None, insecure=False, timeout=DEFAULT_TIMEOUT,
              use_unix_socket=True, buffer_size=DEFAULT_BUFFER_SIZE, progress=None):
     """
     Download the image at `url` into the local file `path`.
 
-    `format` "raw" (default): the file is created or truncated, then sized
+    `format` "raw" (default, unless `backing_file` or `incremental`): the file is created or truncated, then sized
     to the image: it starts as one hole, and only the data extents the
     server reports are fetched and written, so zero areas stay holes (with
     `detect_zeroes`, so do all-zero chunks of data extents). Servers
@@ -566,6 +568,8 @@ def download(url, path, *, connections=None, verify=False, detect_zeroes=False,
     """
     _check_buffer_size(buffer_size)
     progress = progress or Progress()
+    if format is None:
+        format = "qcow2" if (backing_file or incremental) else "raw"
     if format not in formats.DOWNLOAD_FORMATS:
         raise errors.ClientError(
             f"cannot download to {format!r}: expected one of "

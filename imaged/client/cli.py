@@ -162,8 +162,9 @@ def build_parser():
     p.add_argument("url", metavar="URL")
     p.add_argument("file", metavar="FILE")
     t = p.add_argument_group("format, backup and resume options")
-    t.add_argument("--format", choices=formats.DOWNLOAD_FORMATS, default="raw",
-                   help="format of FILE (default raw)")
+    t.add_argument("--format", choices=formats.DOWNLOAD_FORMATS,
+                   help="format of FILE (default raw; qcow2 with --backing-file or "
+                        "--incremental)")
     t.add_argument("--backing-file", metavar="FILE",
                    help="with --format qcow2: create FILE on top of this image")
     t.add_argument("--incremental", action="store_true",
@@ -257,8 +258,8 @@ def _transfer(args):
                                 ("--connections", args.connections),
                                 ("--detect-zeroes", args.detect_zeroes))
                  if v]
-        if args.command == "download" and (args.format != "raw" or args.backing_file
-                                           or args.incremental):
+        if args.command == "download" and (args.format not in (None, "raw")
+                                           or args.backing_file or args.incremental):
             given.append("--format/--backing-file/--incremental")
         if args.command == "upload" and args.format not in (None, "raw"):
             given.append("--format")
