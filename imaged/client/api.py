@@ -623,9 +623,12 @@ def download(url, path, *, connections=None, verify=False, detect_zeroes=False,
             fd = _open_local(path, os.O_RDWR | os.O_CREAT)
             if local.file_size(fd) != size:
                 os.ftruncate(fd, size)
-            items, skipped = _resume_plan(
+            blocks, skipped = _resume_plan(
                 target, local.FileReader(fd), local.extents(fd, size), size,
                 progress, upload=False)
+            # A download request fills one buffer: blocks larger than it go
+            # in pieces.
+            items = list(transfer.plan(blocks, buffer_size))
             # Blocks that differ may hold old data: zero them for real.
             write_zeroes = True
             sinks = [local.FileSink(fd) for _ in range(count)]

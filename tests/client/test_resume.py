@@ -104,7 +104,9 @@ def test_resume_moves_only_changed_blocks(server, tmp_path):
     with open(out, "r+b") as f:
         f.seek(13 * MiB)
         f.write(b"\x03" * 100)
-    result = client.download(server.tls_url + sid, out, cafile=server.cert, resume=True)
+    # Buffers smaller than a block: each block moves in pieces.
+    result = client.download(server.tls_url + sid, out, cafile=server.cert, resume=True,
+                             buffer_size=MiB)
     assert same_content(img, out)
     # Three blocks of 4 MiB differ: two changed on the server, one here.
     assert result.data_bytes == 3 * 4 * MiB
@@ -114,7 +116,8 @@ def test_resume_moves_only_changed_blocks(server, tmp_path):
     with open(out, "r+b") as f:
         f.seek(20 * MiB)
         f.write(b"\x04")
-    result = client.upload(out, server.tls_url + sid, cafile=server.cert, resume=True)
+    result = client.upload(out, server.tls_url + sid, cafile=server.cert, resume=True,
+                           buffer_size=MiB)
     assert same_content(img, out)
     assert result.data_bytes == 4 * MiB
     assert result.skipped_bytes == 28 * MiB
