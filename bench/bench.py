@@ -33,6 +33,23 @@ download with 1 and 4 connections and for the sparse download, over HTTPS
 (`--no-unix-socket`: a client on this host would otherwise switch to the
 server's unix socket, which the curl rows already cover).
 
+Client rows on disk formats (issue 18). A qcow2 source of 8 GiB virtual
+size with 2 GiB of random data (32 MiB data extents every 256 MiB; 256 MiB
+with 64 MiB of data in smoke mode), made with `qemu-img convert` from a
+sparse raw twin. imaged-client and ovirt-imageio's client (its `upload`
+and `download` functions, run from a Python with ovirt-imageio installed,
+converting through qemu-nbd too) move it against the same imaged, with 1
+and 4 connections: upload of the qcow2 into a sparse raw session
+(compared with the raw twin after), download of the raw session into a
+qcow2 (`qemu-img compare`d with the twin after). ovirt-imageio's client
+always switches to a server's local unix socket, so imaged-client does too
+in these rows. Throughput is the virtual size over the client's wall time;
+the table puts imaged-client under "imaged" and ovirt-imageio's client
+under "ovirt-imageio". The resume row: the 2 GiB random image uploaded
+with 4 connections, killed (SIGKILL) once it reported half of it sent, then
+finished with `--resume`; the time of that second run against a whole
+upload started over.
+
 Interleaving. For each transfer kind, the repetitions alternate between the
 servers: imaged, peer(s), imaged, peer(s), ... so a drift of the machine
 (absolute numbers here drift up to 2x between runs) hits every server
@@ -131,7 +148,23 @@ TARGETS = [
     ("nbd-unix-get", "ovirt-imageio", 1.5),
     ("nbd-unix-put", "ovirt-imageio", 1.5),
     ("nbd-client-sparse-download", "ovirt-imageio", 1.5),
+    # Issue 18: imaged-client against ovirt-imageio's client, both on imaged.
+    ("qcow2-upload-1", "ovirt-imageio", 1.3),
+    ("qcow2-upload-4", "ovirt-imageio", 1.3),
+    ("qcow2-download-1", "ovirt-imageio", 1.3),
+    ("qcow2-download-4", "ovirt-imageio", 1.3),
 ]
+
+# ovirt-imageio's client, run as a program: python -c OVIRT_CLIENT OP SRC DST CA N.
+OVIRT_CLIENT = """\
+import sys
+from ovirt_imageio import client
+op, src, dst, ca, n = sys.argv[1:]
+if op == "upload":
+    client.upload(src, dst, ca, max_workers=int(n))
+else:
+    client.download(src, dst, ca, fmt="qcow2", max_workers=int(n))
+"""
 MAX_PEAK_RSS_MIB = 64
 MAX_IDLE_GROWTH_MIB = 10
 
@@ -749,6 +782,21 @@ def make_qcow2_copy(raw, qcow2):
     open(done, "w").close()
 
 
+class ClientPeer:
+    """
+    A client as the "server" of a case whose rows compare clients against
+    the same server: named like the column it fills, accounting the CPU
+    and memory of that server.
+    """
+
+    def __init__(self, name, server):
+        self.name = name
+        self.server = server
+
+    def pids(self):
+        return self.server.pids()
+
+
 # Transfers.
 
 class Transfer:
@@ -935,6 +983,12 @@ class Bench:
             self.setup_proxies()
 
         self.client = self.find_client()
+        self.ovirt_python = self.find_ovirt_client()
+        self.qcow2 = None
+        if shutil.which("qemu-img") and shutil.which("qemu-nbd"):
+            self.setup_qcow2()
+        else:
+            self.notes.append("qcow2 rows: skipped: qemu-img/qemu-nbd not installed")
         # Now: imaged's code may change in the tree while the run goes on.
         self.versions = versions(self)
 
@@ -1003,6 +1057,59 @@ class Bench:
                 "get": p.add_url_ticket(base + host_get, a.size, ["read"]),
                 "put": p.add_url_ticket(base + host_put, a.size, ["read", "write"]),
                 "dest": dest}
+
+    def setup_qcow2(self):
+        a = self.args
+        vsize, data = a.qcow2_size, a.qcow2_data
+        self.qcow2_raw = os.path.join(self.images, "qcow2-guest.raw")
+        self.qcow2 = os.path.join(self.images, "source.qcow2")
+        done = self.qcow2 + f".{vsize}-{data}.done"
+        if not os.path.exists(done):
+            log(f"creating {self.qcow2} ({vsize / GiB:.3g} GiB, {data / GiB:.3g} GiB data)")
+            regions = 32
+            step, length = vsize // regions, data // regions
+            with open(self.big, "rb") as src, open(self.qcow2_raw, "wb") as dst:
+                dst.truncate(vsize)
+                for i in range(regions):
+                    src.seek((i * length) % max(a.size - length + 1, 1))
+                    dst.seek(i * step)
+                    left = length
+                    while left:
+                        chunk = src.read(min(8 * MiB, left))
+                        if not chunk:
+                            src.seek(0)
+                            continue
+                        dst.write(chunk)
+                        left -= len(chunk)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.qcow2)
+            run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", self.qcow2_raw,
+                 self.qcow2], timeout=self.timeout_for(vsize))
+            open(done, "w").close()
+        for p in (self.qcow2, self.qcow2_raw):
+            os.chmod(p, 0o644)
+        imaged = self.servers["imaged"]
+        self.qcow2_dest = os.path.join(self.images, "qcow2-upload.raw")
+        with open(self.qcow2_dest, "wb") as f:
+            f.truncate(vsize)
+        self.tickets["imaged"]["qcow2-get"] = imaged.add_ticket(
+            self.qcow2_raw, vsize, ["read"])
+        self.tickets["imaged"]["qcow2-put"] = imaged.add_ticket(
+            self.qcow2_dest, vsize, ["read", "write"])
+
+    def find_ovirt_client(self):
+        """A Python that can import ovirt-imageio's client, or None."""
+        ovirt = self.servers.get("ovirt-imageio")
+        candidates = [self.args.imaged_python]
+        if ovirt is not None:
+            candidates.insert(0, os.path.join(ovirt.venv, "bin", "python"))
+        for python in candidates:
+            p = subprocess.run([python, "-c", "import ovirt_imageio.client"],
+                               capture_output=True, timeout=60)
+            if p.returncode == 0:
+                return python
+        self.notes.append("ovirt-imageio's client: not importable; its qcow2 rows skipped")
+        return None
 
     def find_client(self):
         argv = [self.args.imaged_python, "-m", "imaged.client.cli"]
@@ -1143,6 +1250,100 @@ class Bench:
             return t
         return fn
 
+    def qcow2_upload(self, conns):
+        def fn(peer, rep):
+            vsize = self.args.qcow2_size
+            dest = self.qcow2_dest
+            # A sparse destination: both clients zero what the qcow2 lacks.
+            with open(dest, "r+b") as f:
+                f.truncate(0)
+                f.truncate(vsize)
+            url = self.servers["imaged"].https_url + self.tickets["imaged"]["qcow2-put"]
+            if peer.name == "imaged":
+                argv = self.client + ["upload", self.qcow2, url, "--connections",
+                                      str(conns), "--cafile", self.cert, "--quiet"]
+            else:
+                argv = [self.ovirt_python, "-c", OVIRT_CLIENT, "upload", self.qcow2, url,
+                        self.cert, str(conns)]
+            t = measured(peer, lambda: self.timed_run(argv, vsize))
+            self.verify(dest, self.qcow2_raw, f"{peer.name} client qcow2 upload")
+            return t
+        return fn
+
+    def qcow2_download(self, conns):
+        def fn(peer, rep):
+            vsize = self.args.qcow2_size
+            dest = os.path.join(self.scratch, "client-download.qcow2")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dest)
+            url = self.servers["imaged"].https_url + self.tickets["imaged"]["qcow2-get"]
+            if peer.name == "imaged":
+                argv = self.client + ["download", url, dest, "--format", "qcow2",
+                                      "--connections", str(conns), "--cafile", self.cert,
+                                      "--quiet"]
+            else:
+                argv = [self.ovirt_python, "-c", OVIRT_CLIENT, "download", url, dest,
+                        self.cert, str(conns)]
+            t = measured(peer, lambda: self.timed_run(argv, vsize))
+            run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", self.qcow2_raw,
+                 dest], timeout=self.timeout_for(vsize))
+            os.unlink(dest)
+            return t
+        return fn
+
+    def timed_run(self, argv, nbytes):
+        t0 = time.monotonic()
+        run(argv, timeout=self.timeout_for(nbytes), cwd=ROOT)
+        return time.monotonic() - t0, nbytes
+
+    def resume_row(self):
+        """
+        Seconds to finish an upload killed at half of it with --resume,
+        against a whole upload started over; medians of the repetitions.
+        """
+        size = self.args.size
+        dest = self.tickets["imaged"]["dest"]
+        url = self.servers["imaged"].https_url + self.tickets["imaged"]["put"]
+        base = self.client + ["upload", self.big, url, "--connections", "4",
+                              "--cafile", self.cert]
+        over, resumed, moved = [], [], []
+        for rep in range(self.args.reps):
+            prepare_destination(dest, size)
+            over.append(self.timed_run(base + ["--quiet"], size)[0])
+            self.verify(dest, self.big, "upload started over")
+            prepare_destination(dest, size)
+            proc = self.procs.start("imaged-client", base + [
+                "--json", "--progress-interval", "0"], stdout=subprocess.PIPE,
+                text=True)
+            deadline = time.monotonic() + self.timeout_for(size)
+            try:
+                for line in proc.stdout:
+                    event = json.loads(line)
+                    if event.get("event") == "progress" and event["phase"] == "upload" \
+                            and event["done"] >= size // 2:
+                        break
+                    if time.monotonic() > deadline:
+                        raise BenchError("upload to interrupt did not progress")
+                else:
+                    raise BenchError("upload to interrupt ended before half of it")
+            finally:
+                self.procs.stop(proc, sig=signal.SIGKILL)
+                proc.stdout.close()
+            t0 = time.monotonic()
+            p = run(base + ["--resume", "--json", "--quiet"], timeout=self.timeout_for(size),
+                    cwd=ROOT)
+            resumed.append(time.monotonic() - t0)
+            result = json.loads(p.stdout.splitlines()[-1])
+            moved.append(result["data_bytes"] + result["zero_bytes"])
+            self.verify(dest, self.big, "resumed upload")
+            log(f"resume row rep {rep + 1}: started over {over[-1]:.2f} s, resumed "
+                f"{resumed[-1]:.2f} s moving {moved[-1] / MiB:.0f} MiB")
+        return {"start_over_s": statistics.median(over),
+                "resume_s": statistics.median(resumed),
+                "moved_bytes": statistics.median(moved), "size": size,
+                "samples": {"start_over_s": over, "resume_s": resumed,
+                            "moved_bytes": moved}}
+
     def verify(self, got, want, what):
         if not same_content(got, want, timeout=self.timeout_for(os.path.getsize(want))):
             raise BenchError(f"verification failed: {what}: {got} differs from {want}")
@@ -1195,11 +1396,24 @@ class Bench:
                               self.https_get, size))
             cases.append(Case("proxy-https-put", "proxy HTTPS PUT flush (curl)", servers,
                               self.https_put, size))
+        if self.qcow2:
+            q = self.args.qcow2_size
+            peers = [ClientPeer("imaged", imaged)]
+            if self.ovirt_python:
+                peers.append(ClientPeer("ovirt-imageio", imaged))
+            for conns in (1, 4):
+                cases.append(Case(f"qcow2-upload-{conns}",
+                                  f"qcow2 upload, {conns} conn (clients, both to imaged)",
+                                  peers, self.qcow2_upload(conns), q))
+            for conns in (1, 4):
+                cases.append(Case(f"qcow2-download-{conns}",
+                                  f"qcow2 download, {conns} conn (clients, both from imaged)",
+                                  peers, self.qcow2_download(conns), q))
         if self.args.only:
             cases = [c for c in cases if c.key in self.args.only]
         if self.client is None:
             for c in cases:
-                if c.key.startswith("client-"):
+                if c.key.startswith(("client-", "qcow2-")):
                     c.skipped = "imaged-client not available"
         return cases
 
@@ -1612,10 +1826,18 @@ def main(argv=None):
                              "client-download-1 client-download-4 client-upload-1 "
                              "client-upload-4 client-sparse-download nbd-https-get "
                              "nbd-https-put nbd-unix-get nbd-unix-put "
-                             "nbd-client-sparse-download)")
+                             "nbd-client-sparse-download qcow2-upload-1 "
+                             "qcow2-upload-4 qcow2-download-1 qcow2-download-4)")
     parser.add_argument("--nbd", action=argparse.BooleanOptionalAction, default=True,
                         help="the NBD rows: qcow2 copies of the images behind qemu-nbd "
                              "(default: yes, where qemu-nbd and libnbd are installed)")
+    parser.add_argument("--qcow2-size", type=int,
+                        help="virtual size of the qcow2 rows' image in MiB (default 8192, "
+                             "smoke 256)")
+    parser.add_argument("--qcow2-data", type=int,
+                        help="data in it in MiB (default 2048, smoke 64)")
+    parser.add_argument("--resume-row", action=argparse.BooleanOptionalAction,
+                        default=True, help="measure the resume row (default: yes)")
     parser.add_argument("--idle-connections", type=int,
                         help="idle keep-alive connections to open (default 50, smoke 10; 0 skips)")
     parser.add_argument("--verify-every-get", action="store_true",
@@ -1636,6 +1858,8 @@ def main(argv=None):
         args.reps = 1 if args.smoke else 5
     args.size = (args.size or (32 if args.smoke else 2048)) * MiB
     args.sparse_size = (args.sparse_size or (256 if args.smoke else 8192)) * MiB
+    args.qcow2_size = (args.qcow2_size or (256 if args.smoke else 8192)) * MiB
+    args.qcow2_data = (args.qcow2_data or (64 if args.smoke else 2048)) * MiB
     if args.nginx is None:
         args.nginx = not args.smoke
     if args.ovirt is None:
@@ -1658,7 +1882,7 @@ def main(argv=None):
     started = datetime.datetime.now().astimezone()
     bench = Bench(args)
     r = argparse.Namespace(cases=[], idle={}, limits_start={}, limits_end={}, tls={},
-                           profiles=None)
+                           profiles=None, resume=None)
 
     def extra(what, fn):
         # Extras must not lose the measurements done so far.
@@ -1676,6 +1900,9 @@ def main(argv=None):
         r.limits_start = extra("machine limits", bench.limits) or {}
         r.cases = bench.cases()
         bench.measure(r.cases)
+        if args.resume_row and bench.client and not (args.only and "resume" not in args.only):
+            log("resume row")
+            r.resume = extra("resume row", bench.resume_row)
         per_conn = min(16 * MiB, args.size)
         # --idle-connections 0 skips the idle connections test.
         for name in ("imaged", "ovirt-imageio"):
@@ -1704,7 +1931,7 @@ def main(argv=None):
     if not hasattr(bench, "sparse_data"):
         return status or 1
     report = render(args, bench, r.cases, r.idle, r.limits_start, r.limits_end, r.tls,
-                    r.profiles, started)
+                    r.profiles, started, r.resume)
     print(report)
     with open(os.path.join(bench.out, "results.md"), "w") as f:
         f.write(report + "\n")
@@ -1724,12 +1951,14 @@ def main(argv=None):
             "limits": {"start": r.limits_start, "end": r.limits_end},
             "tls": r.tls,
             "profiles": r.profiles,
+            "resume": r.resume,
         }, f, indent=2)
     log(f"results: {bench.out}/results.md, {bench.out}/results.json")
     return status
 
 
-def render(args, bench, cases, idle, limits_start, limits_end, tls, profiles, started):
+def render(args, bench, cases, idle, limits_start, limits_end, tls, profiles, started,
+           resume=None):
     mode = "smoke" if args.smoke else "full"
     out = [f"## imaged benchmark ({mode}), {started:%Y-%m-%d %H:%M %Z}", "",
            f"Machine: {machine_info()}",
@@ -1739,6 +1968,13 @@ def render(args, bench, cases, idle, limits_start, limits_end, tls, profiles, st
            f"interleaved repetitions; GB/s = 10^9 bytes/s; every transfer verified.",
            "", table([c for c in cases if not c.key.startswith("proxy-")], bench.servers),
            ""]
+    if resume:
+        out += [f"Resume row: an upload of {resume['size'] / GiB:.3g} GiB (random, 4 conn) "
+                f"killed at half of it, finished with --resume in "
+                f"{resume['resume_s']:.2f} s (moving {resume['moved_bytes'] / GiB:.2f} GiB) "
+                f"against {resume['start_over_s']:.2f} s started over: "
+                f"{resume['start_over_s'] / resume['resume_s']:.2f}× faster "
+                f"(medians of {len(resume['samples']['resume_s'])}).", ""]
     others = [(t.other_cpu / t.seconds) for c in cases for ts in c.samples.values()
               for t in ts]
     if others:
