@@ -28,6 +28,12 @@ def test_bench_smoke(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     assert "| transfer " in p.stdout
     assert "HTTPS GET (curl)" in p.stdout
+    # Issue 18: the clients side by side on qcow2, and the resume row.
+    assert re.search(r"\| qcow2 upload, 4 conn \(clients, both to imaged\) +\| \d+\.\d+",
+                     p.stdout)
+    assert re.search(r"\| qcow2 download, 1 conn \(clients, both from imaged\) +\| \d+\.\d+",
+                     p.stdout)
+    assert "Resume row: an upload of" in p.stdout
     assert "Machine limits" in p.stdout
     assert re.search(r"into huge pages \(as imaged reads\) \d+\.\d+ / \d+\.\d+ GB/s",
                      p.stdout)
