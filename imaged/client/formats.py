@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -199,12 +200,22 @@ class QemuNBD:
                 raise errors.ClientError(
                     f"qemu-nbd could not open {self.path}: "
                     f"{msg[-1] if msg else 'exit status %d' % self.proc.returncode}")
-            if os.path.exists(self.socket):
+            # The socket file appears at bind(), before listen(): ready when
+            # a connection is accepted.
+            if os.path.exists(self.socket) and self._accepts():
                 return
             if time.monotonic() > deadline:
                 raise errors.ClientError(
                     f"qemu-nbd did not start within {QEMU_NBD_START_TIMEOUT_S:g} s")
             time.sleep(0.01)
+
+    def _accepts(self):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(self.socket)
+            except OSError:
+                return False
+        return True
 
     def connect(self, meta_contexts=()):
         """A new libnbd handle connected to the export."""
@@ -283,10 +294,15 @@ class NbdReader:
 
     def readinto(self, view, offset):
         """Fill `view` with the image bytes at `offset`."""
-        buf = self._nbd.Buffer.from_buffer(view)
-        cookie = self.h.aio_pread(buf, offset)
-        while not self.h.aio_command_completed(cookie):
-            self.h.poll(-1)
+        try:
+            buf = self._nbd.Buffer.from_buffer(view)
+            cookie = self.h.aio_pread(buf, offset)
+            while not self.h.aio_command_completed(cookie):
+                self.h.poll(-1)
+        except self._nbd.Error as e:
+            raise errors.ClientError(
+                f"reading the local image at {offset} through qemu-nbd failed: "
+                f"{e.string}") from None
 
     def close(self):
         close_handle(self.h)
@@ -296,23 +312,36 @@ class NbdWriter:
     """Writes and zeroes of one libnbd handle (a qcow2 being downloaded)."""
 
     def __init__(self, server):
+        self._nbd = server.nbd
         self.h = server.connect()
 
     def pwrite(self, view, offset):
-        self.h.pwrite(view, offset)
+        try:
+            self.h.pwrite(view, offset)
+        except self._nbd.Error as e:
+            raise errors.ClientError(
+                f"writing the local image at {offset} failed: {e.string}") from None
 
     def zero(self, offset, length):
         # Zero clusters, not holes: with a backing file, a hole would show
         # the backing file's data.
         step = 1024**3
         end = offset + length
-        while offset < end:
-            n = min(step, end - offset)
-            self.h.zero(n, offset)
-            offset += n
+        try:
+            while offset < end:
+                n = min(step, end - offset)
+                self.h.zero(n, offset)
+                offset += n
+        except self._nbd.Error as e:
+            raise errors.ClientError(
+                f"zeroing the local image at {offset} failed: {e.string}") from None
 
     def flush(self):
-        self.h.flush()
+        try:
+            self.h.flush()
+        except self._nbd.Error as e:
+            raise errors.ClientError(f"flushing the local image failed: {e.string}") \
+                from None
 
     def close(self):
         close_handle(self.h)

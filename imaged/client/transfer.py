@@ -14,6 +14,7 @@ aborted, so none stays blocked on the network) and is raised to the caller;
 so is KeyboardInterrupt in the calling thread.
 """
 
+import concurrent.futures
 import threading
 from typing import NamedTuple
 
@@ -72,7 +73,9 @@ def run(items, workers):
     """
     Run `items` on `workers`, one thread each, until all are done.
 
-    A worker has handle(item) and abort() (break its connection from
+    A worker has handle(item), finish() (no items left: complete what is
+    pending), drain() (wait for its pending I/O, whatever happened; called
+    before run returns or raises) and abort() (break its connection from
     another thread). Raises the first worker failure, or KeyboardInterrupt
     if the caller was interrupted; either way every worker is stopped first.
     """
@@ -91,6 +94,7 @@ def run(items, workers):
             while not stop.is_set():
                 item = source.next()
                 if item is None:
+                    worker.finish()
                     return
                 worker.handle(item)
         except BaseException as e:
@@ -117,6 +121,11 @@ def run(items, workers):
         for t in threads:
             t.join(STOP_TIMEOUT_S)
         raise
+    finally:
+        # No I/O of a worker may outlive the run: the caller closes the
+        # files and connections next.
+        for w in workers:
+            w.drain()
     if failures:
         raise failures[0]
 
@@ -131,14 +140,49 @@ class _Worker:
         self.detect_zeroes = detect_zeroes
         self.data_bytes = 0
         self.zero_bytes = 0
-        self._buf = None
+        self._bufs = [None, None]
+        # The local side's I/O runs in a helper thread, overlapped with the
+        # network: see DownloadWorker and UploadWorker._pieces.
+        self._helper = None
+        self._pending = [None, None]
 
-    def _view(self, length):
+    def _view(self, length, i=0):
         # Allocated on first use: a worker that gets no data item costs no
         # buffer memory.
-        if self._buf is None:
-            self._buf = memoryview(bytearray(self.chunk_size))
-        return self._buf[:length]
+        if self._bufs[i] is None:
+            self._bufs[i] = memoryview(bytearray(self.chunk_size))
+        return self._bufs[i][:length]
+
+    def _submit(self, i, func, *args):
+        """Run func(*args) in the helper thread as the user of buffer `i`."""
+        if self._helper is None:
+            self._helper = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="imaged-client-io")
+        self._pending[i] = self._helper.submit(func, *args)
+        return self._pending[i]
+
+    def _wait(self, i):
+        """Wait until buffer `i` is free; raises what its user raised."""
+        pending, self._pending[i] = self._pending[i], None
+        if pending is not None:
+            return pending.result()
+        return None
+
+    def finish(self):
+        """Called when no items are left: complete the pending local I/O."""
+        for i in (0, 1):
+            self._wait(i)
+
+    def drain(self):
+        """Wait for the pending local I/O, whatever happened."""
+        for i in (0, 1):
+            try:
+                self._wait(i)
+            except BaseException:
+                pass
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+            self._helper = None
 
     def abort(self):
         self.image.abort()
@@ -186,22 +230,46 @@ class UploadWorker(_Worker):
         self.data_bytes += item.length
         self.progress.update(item.length)
 
+    def _read(self, view, pos):
+        try:
+            self.source.readinto(view, pos)
+        except OSError as e:
+            raise errors.ClientError(
+                f"reading the local image at {pos} failed: {e.strerror}") from None
+        return view
+
     def _pieces(self, item, counted):
-        """The bytes of `item` from the file, a buffer at a time."""
+        """
+        The bytes of `item` from the local image, a buffer at a time. The
+        next buffer is read (in the helper thread) while the current one is
+        sent: reading through qemu-nbd and sending are both waits.
+        """
         pos, end = item.start, item.start + item.length
-        while pos < end:
-            view = self._view(min(self.chunk_size, end - pos))
-            try:
-                self.source.readinto(view, pos)
-            except OSError as e:
-                raise errors.ClientError(
-                    f"reading the local file at {pos} failed: {e.strerror}") from None
-            yield view
-            # Resumed: the piece was sent.
-            pos += len(view)
-            if pos - item.start > counted[0]:
-                self.progress.update(pos - item.start - counted[0])
-                counted[0] = pos - item.start
+        i = 0
+        self._submit(i, self._read, self._view(min(self.chunk_size, end - pos), i), pos)
+        try:
+            while pos < end:
+                view = self._wait(i)
+                after = pos + len(view)
+                if after < end:
+                    self._submit(1 - i, self._read,
+                                 self._view(min(self.chunk_size, end - after), 1 - i),
+                                 after)
+                yield view
+                # Resumed: the piece was sent.
+                i = 1 - i
+                pos = after
+                if pos - item.start > counted[0]:
+                    self.progress.update(pos - item.start - counted[0])
+                    counted[0] = pos - item.start
+        finally:
+            # The request failed while a read is pending: the buffer is not
+            # reused before that read ended.
+            for j in (0, 1):
+                try:
+                    self._wait(j)
+                except BaseException:
+                    pass
 
     def _zero(self, start, length):
         if self.can_zero:
@@ -236,17 +304,27 @@ class DownloadWorker(_Worker):
         super().__init__(image, chunk_size, progress, detect_zeroes)
         self.sink = sink
         self.write_zeroes = write_zeroes
+        self._next = 0
 
     def handle(self, item):
         if not item.zero:
-            view = self._view(item.length)
+            # Two buffers: the next item is fetched while the helper thread
+            # writes the previous one (with qemu-nbd writing a qcow2 the
+            # write is as long as the fetch).
+            i = self._next
+            self._next = 1 - i
+            self._wait(i)
+            view = self._view(item.length, i)
             self.image.read_into(item.start, view)
             if not (self.detect_zeroes and util.is_zero(view)):
-                self.sink.pwrite(view, item.start)
-                self.data_bytes += item.length
-                self.progress.update(item.length)
+                self._submit(i, self._write, view, item.start)
                 return
         if self.write_zeroes:
             self.sink.zero(item.start, item.length)
         self.zero_bytes += item.length
         self.progress.update(item.length)
+
+    def _write(self, view, offset):
+        self.sink.pwrite(view, offset)
+        self.data_bytes += len(view)
+        self.progress.update(len(view))

@@ -60,10 +60,17 @@ def test_run_raises_first_failure_and_stops_others():
         def abort(self):
             self.aborted = True
 
+        def finish(self):
+            pass
+
+        def drain(self):
+            self.drained = True
+
     workers = [Worker(fail_at=50), Worker(fail_at=50)]
     with pytest.raises(errors.ForbiddenError):
         transfer.run(iter(range(1000)), workers)
     assert all(w.aborted for w in workers)
+    assert all(w.drained for w in workers)
     done = workers[0].done + workers[1].done
     assert len(done) == len(set(done)) < 1000
 
