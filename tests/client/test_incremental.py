@@ -88,9 +88,6 @@ def add_session(server, url, size, ops=("read",), **extra):
     body = dict({"url": url, "size": size, "ops": list(ops), "timeout": 300}, **extra)
     with server.control() as c:
         r = c.put(server.control_url + sid, data=json.dumps(body))
-    if r.status_code == 400 and "url" in r.text:
-        # Until the NBD backend (SPEC §8) is part of the daemon.
-        pytest.skip(f"this daemon has no NBD backend: {r.text.strip()}")
     assert r.status_code == 200, r.text
     return sid
 
