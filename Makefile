@@ -66,7 +66,7 @@ sysdeps:
 PACKAGING_DEPS := debhelper dh-python python3-all python3-setuptools lintian \
 	rpm cpio systemd python3-gevent python3-bottle python3-yaml python3-libnbd \
 	python3-prometheus-client \
-	python3-jwt python3-cryptography
+	python3-jwt python3-cryptography debootstrap systemd-container
 
 packaging-deps:
 	@command -v dpkg-query >/dev/null || exit 0; \
