@@ -139,6 +139,10 @@ def base_root(codename):
             (tmp / "var" / "log" / "journal").mkdir(parents=True, exist_ok=True)
             (tmp / ".complete").touch()
             tmp.rename(root)
+            # Roots for other package lists are stale now: ~300 MiB each.
+            for old in CACHE_DIR.glob(f"{codename}-systemd-*"):
+                if old != root and (old / ".complete").exists():
+                    shutil.rmtree(old, ignore_errors=True)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
