@@ -431,8 +431,9 @@ class Images:
                                    limit)
             # The first piece now: an error still gets its status.
             first = next(gen)
-        except BaseException:
-            cm.__exit__(None, None, None)
+        except BaseException as e:
+            # Ends the operation with its result (see operation()).
+            cm.__exit__(type(e), e, e.__traceback__)
             raise
         return _Chunks(first, gen, cm)
 

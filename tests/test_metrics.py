@@ -175,3 +175,17 @@ def test_canceled_operation_log_line(daemon, image):
     assert daemon.control().delete(daemon.control_url + sid).status_code == 204
     assert wait_for(lambda: re.search(r"WRITE t-cancel range=0-4194303 bytes=0 .* "
                                       r"result=canceled", daemon.log()))
+
+
+def test_refused_extents_log_their_result(daemon, image):
+    # A file session lists no dirty extents: 404, and the operation ends
+    # as an error in the log and the metrics, not as "ok".
+    sid = daemon.add_session(image, transfer_id="t-ext")
+    s = daemon.https()
+    assert s.get(daemon.tls_url + sid + "/extents?context=dirty").status_code == 404
+    assert s.get(daemon.tls_url + sid + "/extents").status_code == 200
+    s.close()
+    assert wait_for(lambda: re.search(r"EXTENTS t-ext .* result=error", daemon.log()))
+    assert re.search(r"EXTENTS t-ext .* result=ok", daemon.log())
+    assert value(scrape(daemon), "imaged_operations_total", op="extents",
+                 result="error") == 1
