@@ -1048,6 +1048,9 @@ class Bench:
                 log(f"{name}: not available: {e}")
                 self.notes.append(f"{name}: not available: {str(e).splitlines()[0]}")
         base = f"https://{PROXY_HOST_ADDRESS}:{host.proxy_port}/images/"
+        # The same host at 127.0.0.1: both proxies see it is this machine
+        # and relay through its unix socket.
+        local = f"https://127.0.0.1:{host.port}/images/"
         for name, p in self.proxies.items():
             dest = os.path.join(self.images, f"upload-{p.role}.raw")
             prepare_destination(dest, a.size)
@@ -1056,6 +1059,8 @@ class Bench:
             self.tickets[name] = {
                 "get": p.add_url_ticket(base + host_get, a.size, ["read"]),
                 "put": p.add_url_ticket(base + host_put, a.size, ["read", "write"]),
+                "get-local": p.add_url_ticket(local + host_get, a.size, ["read"]),
+                "put-local": p.add_url_ticket(local + host_put, a.size, ["read", "write"]),
                 "dest": dest}
 
     def setup_qcow2(self):
@@ -1110,6 +1115,14 @@ class Bench:
                 return python
         self.notes.append("ovirt-imageio's client: not importable; its qcow2 rows skipped")
         return None
+
+    def proxy_local_get(self, server, rep):
+        key = "get" if server.name == "imaged" else "get-local"
+        return self.curl_get(server, server.https_url + self.tickets[server.name][key], (), rep)
+
+    def proxy_local_put(self, server, rep):
+        key = "put" if server.name == "imaged" else "put-local"
+        return self.curl_put(server, server.https_url + self.tickets[server.name][key])
 
     def find_client(self):
         argv = [self.args.imaged_python, "-m", "imaged.client.cli"]
@@ -1396,6 +1409,10 @@ class Bench:
                               self.https_get, size))
             cases.append(Case("proxy-https-put", "proxy HTTPS PUT flush (curl)", servers,
                               self.https_put, size))
+            cases.append(Case("proxy-local-get", "proxy HTTPS GET, host's unix socket (curl)",
+                              servers, self.proxy_local_get, size))
+            cases.append(Case("proxy-local-put", "proxy HTTPS PUT flush, host's unix socket "
+                              "(curl)", servers, self.proxy_local_put, size))
         if self.qcow2:
             q = self.args.qcow2_size
             peers = [ClientPeer("imaged", imaged)]
@@ -1822,7 +1839,7 @@ def main(argv=None):
                              "of imaged (default: yes)")
     parser.add_argument("--only", nargs="+", metavar="CASE",
                         help="only these transfers (https-get https-put unix-get unix-put "
-                             "proxy-https-get proxy-https-put "
+                             "proxy-https-get proxy-https-put proxy-local-get proxy-local-put "
                              "client-download-1 client-download-4 client-upload-1 "
                              "client-upload-4 client-sparse-download nbd-https-get "
                              "nbd-https-put nbd-unix-get nbd-unix-put "
@@ -2013,9 +2030,10 @@ def render(args, bench, cases, idle, limits_start, limits_end, tls, profiles, st
             targets_report(cases, bench.servers, idle, args.smoke), ""]
     proxy_cases = [c for c in cases if c.key.startswith("proxy-")]
     if proxy_cases:
-        out += ["Proxy role (curl, HTTPS in and HTTPS out; the proxies run beside the host "
-                f"imaged and reach it at {PROXY_HOST_ADDRESS}; CPU and RSS are the "
-                "proxy's own):", "", proxy_table(proxy_cases), "",
+        out += ["Proxy role (curl, HTTPS in; the proxies run beside the host imaged and "
+                f"reach it over HTTPS at {PROXY_HOST_ADDRESS}, or through its unix socket "
+                "when given its 127.0.0.1 URL; CPU and RSS are the proxy's own):", "",
+                proxy_table(proxy_cases), "",
                 "Targets (issue 17, same-run ratios):", "",
                 proxy_targets(proxy_cases, args.smoke), ""]
     out += ["Samples (GB/s):", ""]

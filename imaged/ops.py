@@ -113,6 +113,9 @@ def read(backend, runner, op, offset, length, buffers):
         return backend.readinto(offset, view)
 
     pending = None
+    if length and hasattr(backend, "will_read"):
+        # A proxied image asks its host for the whole range at once.
+        backend.will_read(offset, length)
     if length:
         view = buffers[0][:min(chunk, length)]
         pending = runner.submit(read_first, view), view
@@ -162,6 +165,9 @@ def write(backend, runner, op, offset, length, reader, buffers, flush):
     chunk = len(buffers[0])
     pending = None
     pos, remaining, i = offset, length, 0
+    if length and hasattr(backend, "will_write"):
+        # A proxied image sends the whole range to its host in one request.
+        backend.will_write(offset, length)
     try:
         while remaining:
             view = buffers[i][:min(chunk, remaining)]

@@ -261,14 +261,20 @@ def test_host_answering_garbage_is_502(proxy, answer):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)
+    # accept() returns now and then to see whether the test is over.
+    srv.settimeout(0.1)
+    done = threading.Event()
 
     def serve():
-        while True:
+        while not done.is_set():
             try:
                 c, _ = srv.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 return
             with c:
+                c.settimeout(5)
                 c.recv(65536)
                 c.sendall(answer)
 
@@ -281,8 +287,9 @@ def test_host_answering_garbage_is_502(proxy, answer):
         assert r.status_code == 502
         assert f"127.0.0.1:{port}" in r.text
     finally:
-        srv.close()
+        done.set()
         t.join(5)
+        srv.close()
 
 
 def test_untrusted_host_certificate_is_502(host, tmp_path_factory, tls_files, tmp_path):
@@ -470,3 +477,39 @@ def test_cors_preflight_allows_the_token(proxy):
         assert h in allowed
     assert "PUT" in r.headers["Access-Control-Allow-Methods"]
     assert r.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_download_abandoned_midway(host, proxy, tmp_path):
+    # A client going away in the middle of a download leaves the proxy's
+    # answer from the host unread: the next clients are served as usual.
+    path, data = make_image(tmp_path)
+    hsid, psid = relayed(host, proxy, path, ops=["read"])
+    with proxy.https() as s:
+        r = s.get(proxy.tls_url + psid, stream=True)
+        assert r.status_code == 200
+        assert r.raw.read(MiB) == data[:MiB]
+        r.close()
+    s = proxy.https()
+    assert s.get(proxy.tls_url + psid).content == data
+    r = s.get(proxy.tls_url + psid, headers={"Range": "bytes=100-199"})
+    assert r.content == data[100:200]
+
+
+def test_upload_abandoned_midway(host, proxy, tmp_path):
+    # A client sending less than its Content-Length: the host never gets a
+    # whole body, and nothing is reported written.
+    import http.client
+    import ssl
+    path, data = make_image(tmp_path)
+    _, psid = relayed(host, proxy, path)
+    ctx = ssl.create_default_context(cafile=proxy.cert)
+    c = http.client.HTTPSConnection("localhost", proxy.tls_port, context=ctx, timeout=30)
+    c.putrequest("PUT", f"/images/{psid}")
+    c.putheader("Content-Length", str(SIZE))
+    c.endheaders()
+    c.send(b"\x07" * (3 * MiB))
+    c.close()
+    # The proxy is fine, and a full upload still works.
+    new = random.Random(11).randbytes(SIZE)
+    assert proxy.https().put(proxy.tls_url + psid, data=new).status_code == 200
+    assert read(path) == new

@@ -286,6 +286,14 @@ class HttpBackend:
         self.host = f"{parsed.hostname}:{port}"
         self.transport = parsed.scheme
         self._size = None
+        # The answer of a GET being read chunk after chunk (see will_read):
+        # (response, next offset, end offset).
+        self._stream = None
+        self._read_ahead = None
+        # The PUT whose body is being sent chunk after chunk (see
+        # will_write): [next offset, end offset].
+        self._upload = None
+        self._write_ahead = None
         ctx = client_context(ca_file) if parsed.scheme == "https" else None
         self._con = _TCPConnection(parsed.hostname, port, ctx, connect_timeout_s, timeout_s)
         try:
@@ -357,54 +365,126 @@ class HttpBackend:
                 self._size = total
         return self._size
 
+    def will_read(self, offset, length):
+        """
+        A hint: [offset, offset + length) will be read next, in order.
+
+        The next readinto() at `offset` then asks the host for the whole
+        range in one GET, and the following ones read on in its answer. The
+        host streams it, reading its disk while it sends, instead of
+        answering one chunk at a time with its disk and the network taking
+        turns; a 2 GiB download is one request instead of 256.
+        """
+        self._read_ahead = (offset, offset + length) if length > 0 else None
+
     def readinto(self, offset, buf):
-        """GET [offset, offset + len(buf)) from the host into `buf`."""
+        """Read [offset, offset + len(buf)) of the host's image into `buf`."""
         view = memoryview(buf).cast("B")
         length = len(view)
         if not length:
             return 0
         with self._talking("read"):
-            self._con.request("GET", self._path, headers={
-                "Range": f"bytes={offset}-{offset + length - 1}"})
-            res = self._con.getresponse()
-            if res.status != 206:
-                self._raise_for(res)
-            if res.length != length:
-                raise errors.BadGateway(
-                    f"host {self.host}: answered {res.length} bytes, asked {length}")
+            stream = self._stream
+            if stream is None or stream[1] != offset or offset + length > stream[2]:
+                self._end_stream()
+                end = offset + length
+                ahead = self._read_ahead
+                if ahead and ahead[0] == offset and end <= ahead[1]:
+                    end = ahead[1]
+                self._read_ahead = None
+                self._con.request("GET", self._path, headers={
+                    "Range": f"bytes={offset}-{end - 1}"})
+                res = self._con.getresponse()
+                if res.status != 206:
+                    self._raise_for(res)
+                if res.length != end - offset:
+                    self._con.close()
+                    raise errors.BadGateway(
+                        f"host {self.host}: answered {res.length} bytes, "
+                        f"asked {end - offset}")
+                stream = (res, offset, end)
+            res = stream[0]
             got = 0
             while got < length:
                 count = res.readinto(view[got:])
                 if not count:
+                    self._stream = None
+                    self._con.close()
                     raise errors.BadGateway(
-                        f"host {self.host}: answer ended after {got} of {length} bytes")
+                        f"host {self.host}: answer ended before its length")
                 got += count
+            pos = offset + length
+            # A fully read answer leaves the connection ready for the next.
+            self._stream = (res, pos, stream[2]) if pos < stream[2] else None
         return length
 
+    def _end_stream(self):
+        """Abandon a GET answer not read to its end."""
+        if self._stream is not None:
+            self._stream = None
+            # Its unread bytes are on the wire: this connection is done. The
+            # next request connects again.
+            self._con.close()
+
+    def will_write(self, offset, length):
+        """
+        A hint: [offset, offset + length) will be written next, in order.
+
+        The next write() at `offset` starts one PUT of the whole range and
+        the following ones send on in its body, so the host receives and
+        writes to disk at once instead of taking turns per chunk.
+        """
+        self._write_ahead = (offset, offset + length) if length > 0 else None
+
     def write(self, offset, buf):
-        """PUT `buf` at `offset` on the host, without a flush."""
+        """Write `buf` at `offset` of the host's image, without a flush."""
         view = memoryview(buf).cast("B")
         length = len(view)
         if not length:
             return 0
-        path = self._path + ("?flush=n" if "flush" in self.features else "")
         with self._talking("write"):
-            con = self._con
-            con.putrequest("PUT", path, skip_accept_encoding=True)
-            con.putheader("Content-Type", "application/octet-stream")
-            con.putheader("Content-Length", str(length))
-            con.putheader("Content-Range", f"bytes {offset}-{offset + length - 1}/*")
-            con.endheaders()
+            upload = self._upload
+            if upload is None or upload[0] != offset or offset + length > upload[1]:
+                self._end_upload()
+                end = offset + length
+                ahead = self._write_ahead
+                if ahead and ahead[0] == offset and end <= ahead[1]:
+                    end = ahead[1]
+                self._write_ahead = None
+                path = self._path + ("?flush=n" if "flush" in self.features else "")
+                con = self._con
+                con.putrequest("PUT", path, skip_accept_encoding=True)
+                con.putheader("Content-Type", "application/octet-stream")
+                con.putheader("Content-Length", str(end - offset))
+                con.putheader("Content-Range", f"bytes {offset}-{end - 1}/*")
+                con.endheaders()
+                upload = self._upload = [offset, end]
             try:
-                con.send(view)
+                self._con.send(view)
             except (BrokenPipeError, ConnectionResetError):
-                # The host refused early and closed; its answer says why.
-                pass
-            res = con.getresponse()
-            if res.status != 200:
-                self._raise_for(res)
-            res.read()
+                # The host refused and closed; its answer may say why.
+                self._upload = None
+                self._upload_answer()
+                raise errors.BadGateway(f"host {self.host}: closed the upload")
+            upload[0] += length
+            if upload[0] == upload[1]:
+                self._upload = None
+                self._upload_answer()
         return length
+
+    def _upload_answer(self):
+        res = self._con.getresponse()
+        if res.status != 200:
+            self._raise_for(res)
+        res.read()
+
+    def _end_upload(self):
+        """Abandon a PUT whose body was not sent to its end."""
+        if self._upload is not None:
+            self._upload = None
+            # The host waits for the rest of the body: this connection is
+            # done (the host sees the body end early and refuses it).
+            self._con.close()
 
     def zero(self, offset, length):
         if "zero" not in self.features:
@@ -467,6 +547,7 @@ class HttpBackend:
                 "checksum": result["checksum"]}
 
     def close(self):
+        self._stream = self._upload = None
         con, self._con = self._con, None
         if con is not None:
             con.close()
@@ -565,25 +646,33 @@ class HttpBackend:
         """Map transport failures to 502; close the connection on any error."""
         if self._con is None:
             raise errors.BadGateway(f"host {self.host}: connection closed")
+        if what != "read":
+            self._end_stream()
+        if what != "write":
+            self._end_upload()
         try:
             yield
         except errors.Error:
             raise
         except ssl.SSLCertVerificationError as e:
+            self._stream = self._upload = None
             self._con.close()
             raise errors.BadGateway(
                 f"host {self.host}: certificate not trusted: {e.verify_message}") from None
         except socket.timeout:
+            self._stream = self._upload = None
             self._con.close()
             raise errors.BadGateway(
                 f"host {self.host}: no answer within {self._timeout_s:g} s") from None
         except (OSError, http.client.HTTPException, ValueError) as e:
+            self._stream = self._upload = None
             self._con.close()
             reason = e.strerror if isinstance(e, OSError) and e.strerror \
                 else type(e).__name__
             raise errors.BadGateway(f"host {self.host}: cannot {what}: {reason}") from None
         except BaseException:
             # Interrupted mid-request: the connection is in an unknown state.
+            self._stream = self._upload = None
             self._con.close()
             raise
 
