@@ -43,7 +43,9 @@ offsets, so each step advances by what every context covered.
 
 import contextlib
 import errno
+import _socket
 import logging
+import os
 import time
 
 from .. import errors
@@ -62,6 +64,10 @@ KiB, MiB, GiB = 1024, 1024**2, 1024**3
 # Size of each NBD read or write request; a larger read or write is sent as
 # several requests at once. See the module docstring.
 REQUEST_BYTES = 2 * MiB
+
+# Kernel socket buffers asked for on the NBD connection (see
+# _grow_socket_buffers).
+SOCKET_BUFFER_BYTES = 4 * MiB
 
 # Block status requests cover at most this much: lengths are 32 bits and
 # some servers refuse 4 GiB or more.
@@ -195,6 +201,7 @@ class NbdBackend:
         except (libnbd.Error, Timeout) as e:
             raise errors.StorageError(
                 f"Cannot connect to NBD server {self._address}: {_describe(e)}") from None
+        _grow_socket_buffers(h)
         self._size = h.get_size()
         if self._writable and h.is_read_only():
             raise errors.Forbidden(f"NBD export {self._address} is read-only")
@@ -482,6 +489,31 @@ class NbdBackend:
 
 
 # Helpers
+
+def _grow_socket_buffers(h):
+    """
+    Larger kernel buffers on the NBD socket: libnbd sends and receives as
+    much as the socket takes per poll(), and each poll() is a trip through
+    Python here. With the default buffers an 8 MiB write took ~38 polls,
+    with 4 MiB ones 2-5 (and 10-25% less client CPU, measured with
+    qemu-nbd on a unix socket; the kernel caps the size at
+    net.core.wmem_max/rmem_max).
+    """
+    # The C socket type on a duplicate of libnbd's descriptor: gevent's
+    # socket (the daemon monkey patches) would make a hub in this pool
+    # thread.
+    try:
+        s = _socket.socket(fileno=os.dup(h.aio_get_fd()))
+    except (OSError, libnbd.Error):
+        return
+    try:
+        s.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        s.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+    except OSError:
+        pass    # A smaller buffer only costs CPU.
+    finally:
+        s.close()
+
 
 def _max_block(h):
     try:
