@@ -212,10 +212,7 @@ class Checksum:
         self.service = service
 
     def get(self, session_id):
-        query = bottle.request.query
-        algorithm = query.get("algorithm", blkhash.ALGORITHM)
-        block_size = validate.query_integer(query, "block_size", blkhash.BLOCK_SIZE)
-        blkhash.validate(algorithm, block_size)
+        algorithm, block_size = _hash_params(bottle.request.query)
         conn = client(self.service)
         session = self.service.session(session_id, "read", conn, token())
         return web.json_response(
@@ -230,11 +227,9 @@ class ChecksumBlocks:
 
     def get(self, session_id):
         query = bottle.request.query
-        algorithm = query.get("algorithm", blkhash.ALGORITHM)
-        block_size = validate.query_integer(query, "block_size", blkhash.BLOCK_SIZE)
+        algorithm, block_size = _hash_params(query)
         start = validate.query_integer(query, "start", 0)
         length = validate.query_integer(query, "length", None)
-        blkhash.validate(algorithm, block_size)
         blkhash.validate_window(start, block_size)
         conn = client(self.service)
         session = self.service.session(session_id, "read", conn, token())
@@ -269,6 +264,14 @@ def content_disposition(filename):
 def algorithms(session_id):
     """/images/{id}/checksum/algorithms, for any id, as ovirt-imageio serves it."""
     return web.json_response({"algorithms": blkhash.algorithms()})
+
+
+def _hash_params(query):
+    """The checksum's (algorithm, block_size) from the query, validated."""
+    algorithm = query.get("algorithm", blkhash.ALGORITHM)
+    block_size = validate.query_integer(query, "block_size", blkhash.BLOCK_SIZE)
+    blkhash.validate(algorithm, block_size)
+    return algorithm, block_size
 
 
 def _flush_param(query):

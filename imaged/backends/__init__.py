@@ -90,6 +90,26 @@ class Extent(NamedTuple):
     dirty: bool = False
 
 
+def merged(extents):
+    """
+    Merge adjacent extents with the same flags (zero, hole, dirty) and drop
+    empty ones: what every backend's extents() promises.
+    """
+    current = None
+    for ext in extents:
+        if ext.length == 0:
+            continue
+        if current is not None and (current.zero, current.hole, current.dirty) \
+                == (ext.zero, ext.hole, ext.dirty):
+            current = current._replace(length=current.length + ext.length)
+        else:
+            if current is not None:
+                yield current
+            current = ext
+    if current is not None:
+        yield current
+
+
 class Capabilities(NamedTuple):
     """What an open backend supports; the images service reads it."""
 

@@ -37,6 +37,7 @@ from .. import errors
 from .. import util
 from . import Capabilities
 from . import Extent
+from . import merged
 
 # fallocate(2) modes from <linux/falloc.h>.
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -302,7 +303,7 @@ class FileBackend:
             return iter(())
         if self._is_device:
             return iter((Extent(start, end - start, False),))
-        return _merged(self._seek_extents(start, end))
+        return merged(self._seek_extents(start, end))
 
     def fileno(self):
         """The file descriptor of the open image."""
@@ -604,22 +605,6 @@ def _logical_block_size(fd):
     except OSError:
         return FILE_BLOCK_SIZE
 
-
-def _merged(extents):
-    """Merge adjacent extents with the same flags and drop empty ones."""
-    current = None
-    for ext in extents:
-        if ext.length == 0:
-            continue
-        if current is not None and (current.zero, current.hole) == \
-                (ext.zero, ext.hole):
-            current = current._replace(length=current.length + ext.length)
-        else:
-            if current is not None:
-                yield current
-            current = ext
-    if current is not None:
-        yield current
 
 
 def _describe(e):

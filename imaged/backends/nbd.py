@@ -49,7 +49,7 @@ import os
 import time
 
 from .. import errors
-from . import Capabilities, Extent
+from . import Capabilities, Extent, merged
 from . import nbdurl
 
 try:
@@ -331,7 +331,7 @@ class NbdBackend:
         if not contexts:
             # The server tells nothing: everything is data, which is true.
             return iter((Extent(start, end - start, False),))
-        return _merged(self._block_status(h, start, end, contexts, context))
+        return merged(self._block_status(h, start, end, contexts, context))
 
     def close(self):
         """Disconnect from the server. Safe to call more than once."""
@@ -554,19 +554,6 @@ def _extent(start, length, flags, context):
     hole = len(flags) > 1 and flags[1] == 0
     return Extent(start, length, zero, hole)
 
-
-def _merged(extents):
-    current = None
-    for ext in extents:
-        if current is not None and (current.zero, current.hole, current.dirty) \
-                == (ext.zero, ext.hole, ext.dirty):
-            current = current._replace(length=current.length + ext.length)
-        else:
-            if current is not None:
-                yield current
-            current = ext
-    if current is not None:
-        yield current
 
 
 def _byte_view(buf):
