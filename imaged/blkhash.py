@@ -33,8 +33,10 @@ MAX_BLOCK_SIZE = 16 * 1024**2
 _ZERO_CHUNK = bytes(1024**2)
 
 # Runs of zero blocks feed the outer hash this many bytes of repeated zero
-# block digests per update() (see Hash.zero_blocks).
-ZERO_RUN_BATCH_BYTES = 1024**2
+# block digests per update() (see Hash.zero_blocks); large enough that
+# hashlib releases the GIL and the per-call cost vanishes, small enough
+# that the few cached buffers (_zero_digests) stay under 1 MiB in all.
+ZERO_RUN_BATCH_BYTES = 256 * 1024
 
 
 class Block(NamedTuple):
@@ -95,7 +97,7 @@ def _zero_digest(algorithm, length):
     return _digest(h)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _zero_digests(algorithm, block_size):
     digest = _zero_digest(algorithm, block_size)
     return digest * max(1, ZERO_RUN_BATCH_BYTES // len(digest))
