@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import re
+import signal
 import sys
 
 from .. import __version__
@@ -347,6 +348,10 @@ def main(argv=None):
     # Results go to stdout, unless stdout carries the image.
     args.out = sys.stderr if (args.command == "download" and args.file == "-") \
         else sys.stdout
+    # Ctrl-C or kill -INT ends a transfer as "interrupted" (exit 130) also
+    # when the client was started with SIGINT ignored, as a shell starts its
+    # background jobs: Python then leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with _logging_to_stderr(args.verbose):
         try:
             COMMANDS[args.command](args)

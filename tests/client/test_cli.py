@@ -349,6 +349,19 @@ def test_ctrl_c(server, slow_proxy, tmp_path):
                                    "message": "the upload did not complete"}
 
 
+def test_ctrl_c_when_started_with_sigint_ignored(server, slow_proxy, tmp_path, monkeypatch):
+    # A shell's background job (a script run with &) starts with SIGINT
+    # ignored; kill -INT must still interrupt the transfer.
+    from tests.client import common
+    monkeypatch.setattr(common, "cli_command", lambda *args: [
+        "sh", "-c", 'trap "" INT; exec "$@"', "sh", sys.executable, "-m",
+        "imaged.client.cli"] + [str(a) for a in args])
+    proc, proxy, sid = slow_transfer(server, slow_proxy, tmp_path, "upload")
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc)
+    assert code == 130, err
+
+
 def test_timeout(server, slow_proxy, tmp_path):
     proc, proxy, sid = slow_transfer(server, slow_proxy, tmp_path, "download",
                                      "--timeout", "1", "--retries", "1",
