@@ -197,25 +197,7 @@ def split(extents, block_size):
     The last block may be shorter. A block is zero only if every extent
     overlapping it is zero, so small zero extents are hashed as data.
     """
-    start = None
-    length = 0
-    zero = True
-    for ext in extents:
-        pos = ext.start
-        remaining = ext.length
-        while remaining:
-            if start is None:
-                start, length, zero = pos, 0, True
-            n = min(remaining, block_size - length)
-            length += n
-            zero = zero and ext.zero
-            pos += n
-            remaining -= n
-            if length == block_size:
-                yield Block(start, length, zero)
-                start = None
-    if start is not None:
-        yield Block(start, length, zero)
+    return _blocks(extents, block_size, zero_runs=False)
 
 
 def runs(extents, block_size):
@@ -225,6 +207,10 @@ def runs(extents, block_size):
     `block_size`), however many there are: a 2**63 byte hole is one item,
     not 2**43. Other blocks come one by one as in split().
     """
+    return _blocks(extents, block_size, zero_runs=True)
+
+
+def _blocks(extents, block_size, zero_runs):
     start = None
     length = 0
     zero = True
@@ -232,7 +218,7 @@ def runs(extents, block_size):
         pos = ext.start
         remaining = ext.length
         while remaining:
-            if start is None and ext.zero and remaining >= block_size:
+            if zero_runs and start is None and ext.zero and remaining >= block_size:
                 n = remaining // block_size * block_size
                 yield Block(pos, n, True)
                 pos += n
