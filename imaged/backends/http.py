@@ -20,11 +20,10 @@ Bodies move straight between the caller's buffer and the socket; nothing
 is buffered beyond one transfer chunk.
 
 Like every backend, the calls block: the images service runs them in the
-threadpool. The connection therefore uses the stdlib's real, blocking
-socket and ssl classes (not gevent's monkey-patched ones, whose watchers
-belong to the thread that created them): in a pool thread OpenSSL decrypts
-straight into the transfer buffer with the GIL released, the path that
-made TLS uploads fastest in imaged.web.BodyReader.
+threadpool. The connections come from imaged.outbound (blocking sockets
+made for pool threads, where OpenSSL decrypts straight into the transfer
+buffer with the GIL released); this module only speaks HTTP over them with
+http.client.
 
 At open the backend asks the host for OPTIONS: its features and limits are
 what the proxy reports, and when the host is this machine (the connection's
@@ -41,28 +40,16 @@ the host's address, never the URL path (it holds the host's session id).
 
 import contextlib
 import http.client
-import io
 import json
 import logging
 import re
-import socket
-import ssl
 import urllib.parse
 
-import _ssl
-
-from gevent import monkey
-
 from .. import errors
+from .. import outbound
 from . import Capabilities, Extent
 
 log = logging.getLogger("backends.http")
-
-# The real blocking classes, also when imaged has monkey patched the stdlib.
-_socket = monkey.get_original("socket", "socket")
-_getaddrinfo = monkey.get_original("socket", "getaddrinfo")
-_SocketIO = monkey.get_original("socket", "SocketIO")
-_SSLContext = monkey.get_original("ssl", "SSLContext")
 
 # An error body longer than this is not a message: the connection is closed
 # instead of reading it.
@@ -108,153 +95,6 @@ def parse_url(url):
     return parsed
 
 
-def client_context(ca_file=None):
-    """A verifying TLS client context (TLS 1.2 minimum), blocking flavour."""
-    ctx = _SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    # The C setter: ssl.SSLContext's Python property looks the class up by
-    # its module name, which is gevent's class once monkey patched (and
-    # recurses forever).
-    _ssl._SSLContext.minimum_version.__set__(ctx, ssl.TLSVersion.TLSv1_2)
-    if ca_file:
-        ctx.load_verify_locations(ca_file)
-    else:
-        ctx.load_default_certs()
-    return ctx
-
-
-def _create_connection(host, port, timeout):
-    error = None
-    for family, type_, proto, _, addr in _getaddrinfo(host, port, 0, socket.SOCK_STREAM):
-        sock = _socket(family, type_, proto)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(addr)
-            return sock
-        except OSError as e:
-            error = e
-            sock.close()
-    raise error or OSError(f"cannot resolve {host}")
-
-
-class _TLSSocket:
-    """
-    A blocking TLS client socket: a real socket and the C object of the ssl
-    module (what ssl.SSLSocket wraps). ssl.SSLSocket itself cannot be used
-    once gevent has patched the ssl module: its methods look their class up
-    by module name and find gevent's. OpenSSL does the TLS and verifies the
-    certificate and host name (the context has check_hostname set); this
-    only gives http.client the socket methods it calls.
-    """
-
-    def __init__(self, sock, context, hostname):
-        self._sock = sock
-        # Like socket.socket: close() waits for the files made by makefile()
-        # (http.client closes the connection before reading the body of an
-        # answer that ends it, "Connection: close").
-        self._io_refs = 0
-        self._closed = False
-        self._tls = context._wrap_socket(sock, False, hostname, owner=self)
-        self._tls.do_handshake()
-
-    def sendall(self, data):
-        with memoryview(data) as view, view.cast("B") as view:
-            while view:
-                count = self._tls.write(view)
-                view = view[count:]
-
-    def send(self, data):
-        return self._tls.write(data)
-
-    def recv_into(self, buf, nbytes=0):
-        try:
-            return self._tls.read(nbytes or len(buf), buf)
-        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-            return 0
-
-    def makefile(self, mode="rb", buffering=None, **kwargs):
-        if mode != "rb":
-            raise ValueError("only binary reads")
-        self._io_refs += 1
-        return io.BufferedReader(_SocketIO(self, "rb"), io.DEFAULT_BUFFER_SIZE)
-
-    def _decref_socketios(self):
-        self._io_refs -= 1
-        if self._closed and self._io_refs <= 0:
-            self._sock.close()
-
-    def settimeout(self, timeout):
-        self._sock.settimeout(timeout)
-
-    def gettimeout(self):
-        return self._sock.gettimeout()
-
-    def getsockname(self):
-        return self._sock.getsockname()
-
-    def getpeername(self):
-        return self._sock.getpeername()
-
-    def fileno(self):
-        return self._sock.fileno()
-
-    def setsockopt(self, *args):
-        self._sock.setsockopt(*args)
-
-    def shutdown(self, how):
-        self._sock.shutdown(how)
-
-    def close(self):
-        self._closed = True
-        if self._io_refs <= 0:
-            self._sock.close()
-
-
-class _TCPConnection(http.client.HTTPConnection):
-    """HTTP(S) over a blocking TCP socket, with a connect deadline."""
-
-    def __init__(self, host, port, ssl_context, connect_timeout, timeout):
-        super().__init__(host, port, timeout=timeout)
-        self._ssl_context = ssl_context
-        self._connect_timeout = connect_timeout
-
-    def connect(self):
-        sock = _create_connection(self.host, self.port, self._connect_timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._ssl_context is not None:
-                # The handshake is bounded by the connect timeout too.
-                sock = _TLSSocket(sock, self._ssl_context, self.host)
-            sock.settimeout(self.timeout)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-    def is_local(self):
-        """The host is this machine (ovirt-imageio's rule)."""
-        if self.sock is None:
-            self.connect()
-        return self.sock.getsockname()[0] == self.sock.getpeername()[0]
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP over a blocking unix socket (a path or an abstract name)."""
-
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self):
-        sock = _socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 class HttpBackend:
     """
     The image of a session on another images daemon. See the module
@@ -294,8 +134,9 @@ class HttpBackend:
         # will_write): [next offset, end offset].
         self._upload = None
         self._write_ahead = None
-        ctx = client_context(ca_file) if parsed.scheme == "https" else None
-        self._con = _TCPConnection(parsed.hostname, port, ctx, connect_timeout_s, timeout_s)
+        tls = outbound.tls_context(ca_file) if parsed.scheme == "https" else None
+        self._con = outbound.connect_tcp(parsed.hostname, port, tls, connect_timeout_s,
+                                         timeout_s)
         try:
             self.options = self._options()
             if use_unix_socket:
@@ -576,7 +417,7 @@ class HttpBackend:
             return
         if not self._con.is_local():
             return
-        con = _UnixConnection(path, self._timeout_s)
+        con = outbound.connect_unix(path, self._timeout_s)
         try:
             con.connect()
         except OSError as e:
@@ -654,12 +495,12 @@ class HttpBackend:
             yield
         except errors.Error:
             raise
-        except ssl.SSLCertVerificationError as e:
+        except outbound.CertificateError as e:
             self._stream = self._upload = None
             self._con.close()
             raise errors.BadGateway(
                 f"host {self.host}: certificate not trusted: {e.verify_message}") from None
-        except socket.timeout:
+        except outbound.Timeout:
             self._stream = self._upload = None
             self._con.close()
             raise errors.BadGateway(
