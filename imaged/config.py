@@ -24,6 +24,7 @@ import re
 
 import yaml
 
+KiB = 1024
 MiB = 1024**2
 
 DEFAULT_FILE = "/etc/imaged/imaged.yaml"
@@ -49,6 +50,14 @@ DEFAULTS = {
         "ca_file": None,
         # Verify client certificates against ca_file on TLS listeners.
         "verify_clients": False,
+        # Choose TLS_AES_128_GCM_SHA256 (ECDHE-*-AES128-GCM on TLS 1.2)
+        # where the client offers it, among the suites the system allows:
+        # clients ask for AES-256 first, and AES-128 costs the server less
+        # CPU per byte (imaged.tls, docs/benchmarks.md).
+        "prefer_aes128_gcm": True,
+        # OpenSSL reads ahead up to this much in one call (0: one record
+        # at a time, two read() calls per 16 KiB record).
+        "read_buffer_bytes": 256 * KiB,
     },
     "listeners": [],
     "images": {
@@ -379,6 +388,10 @@ def _check_tls(tls, base_dir):
         tls[key] = _path(f"tls.{key}", tls[key], base_dir)
     tls["ca_file"] = _path("tls.ca_file", tls["ca_file"], base_dir, optional=True)
     _bool("tls.verify_clients", tls["verify_clients"])
+    _bool("tls.prefer_aes128_gcm", tls["prefer_aes128_gcm"])
+    # OpenSSL needs room for one whole record (16 KiB and its overhead).
+    if tls["read_buffer_bytes"]:
+        _int("tls.read_buffer_bytes", tls["read_buffer_bytes"], 32 * KiB, 16 * MiB)
     if tls["verify_clients"] and not tls["ca_file"]:
         raise ConfigError("tls.verify_clients: needs tls.ca_file to verify against")
 

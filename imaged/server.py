@@ -7,7 +7,7 @@ Listeners: the configured sockets, TLS, and the apps mounted on each.
   number of connections).
 - `Dispatcher` sends each request to the app mounted for its path prefix,
   after refusing paths whose meaning would depend on who decodes them.
-- `make_ssl_context()` is the one place TLS settings are chosen.
+- TLS contexts come from imaged.tls, the one place TLS settings are chosen.
 """
 
 import errno
@@ -16,10 +16,10 @@ import logging
 import os
 import re
 import socket
-import ssl
 import stat
 from gevent import pool
 
+from . import tls
 from . import transport
 
 log = logging.getLogger("server")
@@ -66,22 +66,6 @@ def _path_problem(environ):
     except UnicodeError:
         return "not UTF-8"
     return None
-
-
-def make_ssl_context(tls):
-    """A server TLS context: TLS 1.2 minimum, modern AEAD ciphers only."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # TLS 1.2 suites with forward secrecy and AEAD; TLS 1.3 suites are
-    # all fine and not affected by set_ciphers.
-    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!MD5:!DSS")
-    ctx.options |= ssl.OP_NO_COMPRESSION
-    ctx.load_cert_chain(tls["cert_file"], tls["key_file"])
-    if tls["ca_file"]:
-        ctx.load_verify_locations(tls["ca_file"])
-    if tls.get("verify_clients"):
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
 
 
 def bind(lst):
@@ -158,11 +142,11 @@ def _remove_stale(path):
 class Listener:
     """One configured listener: its socket and its WSGIServer."""
 
-    def __init__(self, lst, app, tls, cfg, metrics=None):
+    def __init__(self, lst, app, tls_config, cfg, metrics=None):
         self.config = lst
         self.name = lst["name"]
         self.sock = bind(lst)
-        ssl_context = make_ssl_context(tls) if lst["kind"] == "tls" else None
+        ssl_context = tls.server_context(tls_config) if lst["kind"] == "tls" else None
 
         handler = type("Handler", (transport.Handler,), {
             "idle_timeout_s": cfg["images"]["inactivity_timeout_s"],
@@ -219,4 +203,4 @@ def _show_address(addr):
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
-__all__ = ["Listener", "Dispatcher", "make_ssl_context"]
+__all__ = ["Listener", "Dispatcher"]
