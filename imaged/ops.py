@@ -25,9 +25,6 @@ from .backends import Extent
 # even when the file system zeroes gigabytes in one call.
 ZERO_STEP_BYTES = 1024**3
 
-# Reads are handed to the server in pieces of this size (see read()).
-SEND_SLICE_BYTES = 1024**2
-
 # A run of zero blocks of a checksum is hashed in pool calls of this many
 # blocks (blkhash.Hash.zero_blocks): 2**18 digests are 8 MiB of input to
 # the outer hash, 10-90 ms of blake2b on the 2-core test VM, hashed with
@@ -133,11 +130,10 @@ def read(backend, runner, op, offset, length, buffers):
             i = 1 - i
             if pos < end:
                 pending = submit(i, pos)
-            # Smaller pieces for the server to send: the socket timeout
-            # bounds each send, and a slow but steady client must not be
-            # taken for an idle one.
-            for start in range(0, count, SEND_SLICE_BYTES):
-                yield view[start:start + SEND_SLICE_BYTES]
+            # The whole chunk at once: the transport's send loop bounds
+            # each wait for the client, not the whole send
+            # (transport.send_all).
+            yield view[:count]
             op.progress(count)
     finally:
         if pending is not None:

@@ -253,6 +253,58 @@ def test_stalled_client_is_dropped_quietly(make_daemon, tmp_path):
     assert "Traceback" not in d.log()
 
 
+def slow_download(d, kind, sid, size, piece_bytes, pause_s):
+    """GET a whole image reading `piece_bytes` every `pause_s`: (head, body, seconds)."""
+    got = bytearray()
+    start = time.monotonic()
+    with connect(d, kind, rcvbuf=64 * KiB) as sock:
+        sock.sendall(f"GET /images/{sid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < size:
+            # A TLS socket returns a record (16 KiB) at most per call.
+            want = len(got) + piece_bytes
+            while len(got) < want:
+                piece = sock.recv(want - len(got))
+                if not piece:
+                    break
+                got += piece
+            else:
+                time.sleep(pause_s)
+                continue
+            break
+    head, _, body = bytes(got).partition(b"\r\n\r\n")
+    return head, body, time.monotonic() - start
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_slow_steady_client_gets_a_whole_chunk(make_daemon, tmp_path, kind):
+    # The server hands over a whole 8 MiB buffer in one send; a client that
+    # takes longer than the inactivity timeout (2 s) for it, but never
+    # stops for that long, must get every byte.
+    d = make_daemon(SLOW)
+    data = os.urandom(8 * MiB)
+    sid = d.add_session(sparse_file(tmp_path / "big.raw", len(data), [(0, data)]))
+    # ~1.6 MiB/s: 5 s for the chunk.
+    head, body, elapsed = slow_download(d, kind, sid, len(data), 64 * KiB, 0.04)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert body == data, (len(body), d.log_tail())
+    assert elapsed > 2 * 2, elapsed     # longer than two inactivity timeouts
+    assert "no progress for too long" not in d.log()
+
+
+@pytest.mark.slow
+def test_slow_steady_client_outlasts_a_full_send_buffer(make_daemon, tmp_path):
+    # 400 KiB/s: the kernel frees room in the server's (autotuned, up to 4
+    # MiB) send buffer only every ~3 s, longer than the 2 s inactivity
+    # timeout; the client never stops reading and must get every byte.
+    d = make_daemon(SLOW)
+    data = os.urandom(6 * MiB)
+    sid = d.add_session(sparse_file(tmp_path / "big.raw", len(data), [(0, data)]))
+    head, body, elapsed = slow_download(d, "tcp", sid, len(data), 16 * KiB, 0.04)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert body == data, (len(body), d.log_tail())
+    assert "no progress for too long" not in d.log()
+
+
 # The header deadline, on a socket pair: armed and disarmed in one place,
 # whichever way reading the head ends.
 
