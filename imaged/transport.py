@@ -581,6 +581,7 @@ class Handler(pywsgi.WSGIHandler):
         self.body = None
         self.code = None
         self.response_length = 0
+        self._head_start = time.monotonic()
         refusal = self._read_head()
         if refusal is not None:
             self._refuse(*refusal)
@@ -761,6 +762,11 @@ class Handler(pywsgi.WSGIHandler):
                 f"Content-Length: {len(payload)}\r\n"
                 "Connection: close\r\n\r\n").encode()
         self.close_connection = True
+        if self.metrics is not None:
+            # Counted like answered requests; the method is known only if
+            # the request line was valid ("other" otherwise).
+            self.metrics.request(getattr(self, "command", None) or "other", status,
+                                 time.monotonic() - self._head_start)
         try:
             self.socket.sendall(head + payload)
         except OSError:

@@ -119,6 +119,24 @@ def test_odd_methods_do_not_grow_labels(daemon):
     assert not any(m and m.startswith("FOO") for m in methods)
 
 
+@pytest.mark.parametrize("request_bytes,method,status", [
+    (b"GET /images/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+     b"Content-Length: 2\r\n\r\nab", "GET", "400"),
+    (b"GET /images/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "GET", "501"),
+    (b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n", "other", "414"),
+    (b"\x16\x03\x01 garbage\r\n\r\n", "other", "400"),
+])
+def test_requests_refused_by_the_transport_are_counted(daemon, request_bytes, method, status):
+    # Refused before any app saw them (framing, request line): counted all
+    # the same, or a flood of bad requests would not show in the metrics.
+    before = value(scrape(daemon), "imaged_requests_total", method=method, status=status)
+    with socket.create_connection(("127.0.0.1", daemon.tcp_port)) as s:
+        s.sendall(request_bytes)
+        assert s.recv(4096).startswith(f"HTTP/1.1 {status}".encode())
+    assert wait_for(lambda: value(scrape(daemon), "imaged_requests_total",
+                                  method=method, status=status) == before + 1)
+
+
 def test_two_daemons_do_not_share_figures():
     a, b = metrics.Metrics(), metrics.Metrics()
     a.moved("read", 100)
