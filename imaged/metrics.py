@@ -65,10 +65,13 @@ class Metrics:
             "imaged_sessions_expired", "Sessions removed by the reaper on expiry",
             registry=r)
         self._sessions = Gauge(
-            "imaged_sessions", "Sessions installed", registry=r)
-        self._active = Gauge(
-            "imaged_sessions_active", "Sessions with a running operation",
+            "imaged_sessions", "Sessions installed over the control API", registry=r)
+        self._token_sessions = Gauge(
+            "imaged_token_sessions", "Live sessions granted by signed tokens",
             registry=r)
+        self._active = Gauge(
+            "imaged_sessions_active", "Sessions with a running operation "
+            "(token sessions included)", registry=r)
         self._connections = Gauge(
             "imaged_connections_open", "Open client connections, all listeners",
             registry=r)
@@ -80,8 +83,10 @@ class Metrics:
         client connections.
         """
         self._sessions.set_function(lambda: len(registry))
+        self._token_sessions.set_function(lambda: len(registry.token_sessions()))
         self._active.set_function(
-            lambda: sum(1 for s in registry.sessions() if s.active))
+            lambda: sum(1 for s in registry.sessions() + registry.token_sessions()
+                        if s.active))
         self._connections.set_function(connections)
 
     # Hooks, called by the rest of the daemon.

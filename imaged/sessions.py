@@ -451,8 +451,9 @@ class Registry:
             self.reap()
             if len(self._token_sessions) >= max_sessions:
                 raise errors.ServiceUnavailable("too many token sessions, try later")
+        # Its bytes count in the daemon's metrics like any session's.
         session = Session(spec, clock=self._clock,
-                          threads=self._threads_per_session)
+                          threads=self._threads_per_session, metrics=self.metrics)
         session.token_key = key
         if self._lock_factory is not None:
             session.rmw_lock = self._lock_factory()
@@ -539,7 +540,12 @@ class Registry:
                      session.name, session.transferred())
 
     def sessions(self):
+        """The sessions added over the control API."""
         return list(self._sessions.values())
+
+    def token_sessions(self):
+        """The sessions granted by signed tokens (imaged.tokens)."""
+        return list(self._token_sessions.values())
 
     def reap(self):
         """Cancel and drop expired sessions; returns how many expired."""

@@ -1,8 +1,9 @@
 """
 Signed access tokens: the engine signs, imaged only verifies.
 
-A request may carry `Authorization: Bearer TOKEN` instead of naming a
-session the host agent added over the control API. TOKEN is a JWS (JWT)
+A request may carry `Authorization: Bearer TOKEN` (or the token alone, see
+bearer()) instead of naming a session the host agent added over the control
+API. TOKEN is a JWS (JWT)
 signed by the engine with a private key whose public half is configured in
 `tokens.public_keys`. Its claims:
 
@@ -12,7 +13,9 @@ signed by the engine with a private key whose public half is configured in
     iss      required and checked when `tokens.issuer` is set
     session  the session fields of the control API (url, size, ops, ...),
              validated exactly like a session added over the control API;
-             `timeout` may be left out: the session lasts until `exp`.
+             `timeout` may be left out: the session lasts until `exp`. The
+             url must be a host's images URL (https://, http:// for labs):
+             a token makes this daemon a proxy, never opens its own files.
 
 A valid token authorizes exactly that session until `exp`. Verification is
 PyJWT's, with the algorithms each configured key type allows and no other:
@@ -31,11 +34,16 @@ import hashlib
 import hmac
 import logging
 import time
+import urllib.parse
 
 from . import errors
 from . import sessions
 
 log = logging.getLogger("tokens")
+
+# The url schemes a token's session may have: the proxy role's (see
+# imaged.backends.http).
+PROXY_SCHEMES = ("https", "http")
 
 # An Authorization header longer than this is refused before parsing; a
 # token with a full session claim and an RSA-4096 signature is ~1.5 KiB.
@@ -117,14 +125,26 @@ def _load_key(index, entry):
 def bearer(header):
     """
     The token of an `Authorization` header value, or None without a header.
-    Other schemes than Bearer are refused (403).
+
+    `Bearer TOKEN`, or the token alone: ovirt-imageio's proxy took the
+    engine's signed ticket as the whole header value, and the engine's web
+    UI sent it so (`Authorization: <signed ticket>`); a client written for
+    that convention only has to send our token instead. A bare value counts
+    as a token only in the JWS compact form (three dot-separated parts);
+    other schemes (Basic, ...) are refused (403). Either way the token is
+    verified the same.
     """
     if header is None:
         return None
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise errors.Forbidden("unsupported Authorization: expected 'Bearer TOKEN'")
-    return token.strip()
+    value = header.strip()
+    scheme, sep, token = value.partition(" ")
+    if sep:
+        token = token.strip()
+        if scheme.lower() == "bearer" and token:
+            return token
+    elif value.count(".") == 2:
+        return value
+    raise errors.Forbidden("unsupported Authorization: expected 'Bearer TOKEN' or the token")
 
 
 class Verifier:
@@ -218,6 +238,13 @@ class Verifier:
             spec = sessions.parse_spec(claims["sub"], body)
         except errors.BadRequest as e:
             raise errors.Forbidden(f"invalid token session: {e.message}") from None
+        if urllib.parse.urlsplit(spec["url"]).scheme not in PROXY_SCHEMES:
+            # A token relays to a host; it never opens an image of this
+            # machine (file://, NBD), which only the host agent prepares and
+            # adds over the control API, under images.allowed_dirs.
+            raise errors.Forbidden(
+                "invalid token session: the url must be a host's images URL "
+                "(https://HOST:PORT/images/ID)")
         # Sub-second precision: the session ends when the token does.
         spec["timeout"] = ttl
         return spec

@@ -134,3 +134,47 @@ def make_daemon(tmp_path, tls_files):
 def daemon(make_daemon):
     """A started imaged with TLS, plain TCP, local and control listeners."""
     return make_daemon()
+
+
+# The proxy role (SPEC §9): a host daemon and a proxy daemon in front of it,
+# shared by the modules that test it (tests/test_proxy.py, the lab page in
+# a browser, the proxy in front of ovirt-imageio's host).
+
+@pytest.fixture(scope="module")
+def engine_key():
+    """The engine's signing key, whose public half the proxy trusts."""
+    from tests import token_helpers
+    return token_helpers.generate("EdDSA")
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory, tls_files):
+    """
+    The host daemon: limits of its own (max_writers 3, max_readers 5), so
+    that a test can tell the host's OPTIONS from the proxy's, and the lab
+    page on its plain listener.
+    """
+    d = Daemon(tmp_path_factory.mktemp("host"), tls_files, {
+        "images": {"max_writers": 3, "max_readers": 5},
+        "listeners": {"plain": {"apps": ["images", "ui"]}},
+    })
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory, tls_files, engine_key):
+    """
+    The proxy daemon: trusts the test certificate and `engine_key`'s
+    tokens, and relays over TLS even to this machine (the second leg is
+    real HTTPS too).
+    """
+    from tests import token_helpers
+    d = Daemon(tmp_path_factory.mktemp("proxy"), tls_files, {
+        "proxy": {"ca_file": tls_files[0], "use_unix_socket": False},
+        "tokens": {"public_keys": [token_helpers.public_pem(engine_key)]},
+    })
+    d.start()
+    yield d
+    d.stop()

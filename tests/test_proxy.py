@@ -19,46 +19,15 @@ import requests
 
 from tests import token_helpers as th
 from tests.conftest import Daemon, free_port, needs_tool
+from tests.test_metrics import scrape, value
 
 KiB = 1024
 MiB = 1024**2
 SIZE = 8 * MiB + 4096
 
 
-# Fixtures: one host and two proxies for the module.
-
-@pytest.fixture(scope="module")
-def engine_key():
-    return th.generate("EdDSA")
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory, tls_files):
-    d = Daemon(tmp_path_factory.mktemp("host"), tls_files,
-               {"images": {"max_writers": 3, "max_readers": 5}})
-    d.start()
-    yield d
-    d.stop()
-
-
-def start_proxy(tmp_path_factory, tls_files, name, **proxy):
-    return Daemon(tmp_path_factory.mktemp(name), tls_files, {
-        "proxy": dict({"ca_file": tls_files[0]}, **proxy),
-        "tokens": {"public_keys": [th.public_pem(th.generate("EdDSA"))]},
-    })
-
-
-@pytest.fixture(scope="module")
-def proxy(tmp_path_factory, tls_files, engine_key):
-    """Relays over TLS even to this machine: the second leg is real HTTPS too."""
-    d = Daemon(tmp_path_factory.mktemp("proxy"), tls_files, {
-        "proxy": {"ca_file": tls_files[0], "use_unix_socket": False},
-        "tokens": {"public_keys": [th.public_pem(engine_key)]},
-    })
-    d.start()
-    yield d
-    d.stop()
-
+# Fixtures: the host and the proxy (tokens of engine_key, TLS even to this
+# machine) are tests/conftest.py's; a second proxy for the module here.
 
 @pytest.fixture(scope="module")
 def local_proxy(tmp_path_factory, tls_files):
@@ -421,6 +390,58 @@ def test_token_get_and_put(host, proxy, tmp_path, engine_key):
     assert token not in log and token.split(".")[2] not in log
     # Without the token, the id alone is nothing.
     assert requests.get(url, verify=proxy.cert).status_code == 403
+
+
+def test_token_alone_in_authorization(host, proxy, tmp_path, engine_key):
+    """Without "Bearer ": how ovirt-imageio's proxy took the signed ticket."""
+    path, data = make_image(tmp_path)
+    hsid = host.add_session(path, ops=["read"])
+    sid, token = token_for(engine_key, host, hsid, SIZE, ops=["read"])
+    r = proxy.https().get(proxy.tls_url + sid, headers={"Authorization": token})
+    assert r.status_code == 200, r.text
+    assert r.content == data
+    r = proxy.https().get(proxy.tls_url + sid, headers={"Authorization": f"Basic {token}"})
+    assert r.status_code == 403
+    assert "Bearer" in r.text
+
+
+def test_token_cannot_open_the_proxys_own_files(proxy, tmp_path, engine_key):
+    """A signed token relays to a host; the proxy's files are not its to
+    open, whatever images.allowed_dirs says (empty here: anything)."""
+    path, data = make_image(tmp_path)
+    for url in (f"file://{path}", f"nbd:unix:{tmp_path}/nbd.sock"):
+        sid = str(uuid.uuid4())
+        token = th.sign(engine_key, "EdDSA", th.claims(
+            sid, {"url": url, "size": SIZE, "ops": ["read", "write"]}))
+        s = proxy.https()
+        s.headers["Authorization"] = f"Bearer {token}"
+        r = s.get(proxy.tls_url + sid)
+        assert r.status_code == 403
+        assert "host's images URL" in r.text
+        r = s.put(proxy.tls_url + sid, data=b"\0" * MiB)
+        assert r.status_code == 403
+    assert read(path) == data
+
+
+def test_token_transfers_are_visible_to_operators(host, proxy, tmp_path, engine_key):
+    """No host agent added a token session, but its transfer shows in the
+    proxy's metrics and in its /progress list."""
+    path, data = make_image(tmp_path)
+    hsid = host.add_session(path, ops=["read"])
+    sid, token = token_for(engine_key, host, hsid, SIZE, ops=["read"])
+    before = scrape(proxy)
+    r = proxy.https().get(proxy.tls_url + sid, headers={"Authorization": f"Bearer {token}"})
+    assert r.content == data
+    after = scrape(proxy)
+    assert value(after, "imaged_bytes_total", op="read") - \
+        value(before, "imaged_bytes_total", op="read") == SIZE
+    assert value(after, "imaged_token_sessions") >= 1
+    with proxy.control() as c:
+        listed = c.get("http+unix://imaged/progress").json()
+    mine = [p for p in listed if p["id"] == sid]
+    assert len(mine) == 1
+    assert mine[0]["token"] is True
+    assert mine[0]["transferred"] == SIZE and mine[0]["size"] == SIZE
 
 
 def test_forged_tokens_are_refused_and_nothing_is_relayed(host, proxy, tmp_path, engine_key):

@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import Daemon, free_port
+from tests.conftest import free_port
 
 MiB = 1024**2
 SIZE = 8 * MiB
@@ -110,15 +110,6 @@ args = ("{d / 'ovirt-imageio.log'}",)
             proc.kill()
             proc.wait()
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def proxy(tmp_path_factory, tls_files):
-    d = Daemon(tmp_path_factory.mktemp("proxy"), tls_files,
-               {"proxy": {"ca_file": tls_files[0], "use_unix_socket": False}})
-    d.start()
-    yield d
-    d.stop()
 
 
 def add_ticket(host, path, ops):

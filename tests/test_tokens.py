@@ -194,15 +194,38 @@ def test_max_sessions(keys):
     (None, None),
     ("Bearer abc.def.ghi", "abc.def.ghi"),
     ("bearer  abc.def.ghi ", "abc.def.ghi"),
+    # The token alone, as ovirt-imageio's proxy took its signed ticket.
+    ("abc.def.ghi", "abc.def.ghi"),
+    (" abc.def.ghi ", "abc.def.ghi"),
 ])
 def test_bearer(header, token):
     assert tokens.bearer(header) == token
 
 
-@pytest.mark.parametrize("header", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer  ", "abc"])
+@pytest.mark.parametrize("header", ["Basic dXNlcjpwYXNz", "Basic a.b.c", "Bearer",
+                                    "Bearer  ", "abc", "a.b", "a.b.c.d", ""])
 def test_bearer_other_schemes(header):
     with pytest.raises(errors.Forbidden):
         tokens.bearer(header)
+
+
+@pytest.mark.parametrize("url", ["file:///var/tmp/disk.raw", "nbd:unix:/run/disk.sock",
+                                 "nbd+unix:///?socket=/run/disk.sock",
+                                 "nbd://127.0.0.1:10809/disk"])
+def test_token_only_relays_to_a_host(keys, url):
+    """A token never opens an image of the daemon that verifies it."""
+    v, registry = verifier(th.public_pem(keys["EdDSA"]))
+    sid = th.new_id()
+    token = th.sign(keys["EdDSA"], "EdDSA", th.claims(sid, dict(SESSION, url=url)))
+    with pytest.raises(errors.Forbidden) as e:
+        v.authorize(token, sid, "read")
+    assert "host's images URL" in e.value.message
+    assert registry.token_sessions() == []
+    # The lab form (plain HTTP to a host) is a relay too.
+    sid = th.new_id()
+    url = "http://host.example.com:54323/images/host-ticket-1"
+    token = th.sign(keys["EdDSA"], "EdDSA", th.claims(sid, dict(SESSION, url=url)))
+    assert v.authorize(token, sid, "read").url == url
 
 
 def test_config_refuses_bad_keys(keys, tmp_path):

@@ -29,6 +29,8 @@ def session_progress(session):
         "throughput_bps": round(session.throughput()),
         "expires": int(session.expires),
         "canceled": session.canceled,
+        # Granted by a signed token (the proxy role), not by the host agent.
+        "token": session.token_key is not None,
     }
 
 
@@ -75,8 +77,12 @@ class Progress:
         self.event_interval_s = event_interval_s
 
     def list_all(self):
+        # Token sessions too: an operator of a proxy sees its transfers
+        # here, though no host agent added them. /progress/{id} serves only
+        # the host agent's sessions: two tokens may name one id.
         return web.json_response(
-            [session_progress(s) for s in self.registry.sessions()])
+            [session_progress(s) for s in
+             self.registry.sessions() + self.registry.token_sessions()])
 
     def get(self, session_id):
         sessions.check_id(session_id)

@@ -14,10 +14,8 @@ import time
 import uuid
 
 import pytest
-import yaml
 
 from tests import token_helpers as th
-from tests.conftest import Daemon
 
 MiB = 1024**2
 SIZE = 64 * MiB
@@ -37,40 +35,12 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
-def with_ui(daemon):
-    """Mount the ui app on the daemon's plain HTTP listener."""
-    with open(daemon.config_file) as f:
-        cfg = yaml.safe_load(f)
-    for lst in cfg["listeners"]:
-        if lst["name"] == "plain":
-            lst["apps"] = ["images", "ui"]
-    with open(daemon.config_file, "w") as f:
-        yaml.safe_dump(cfg, f)
-    return daemon
-
-
 @pytest.fixture(scope="module")
 def engine_key():
+    # The engine signs with ES256 here (the proxy tests use Ed25519), so the
+    # browser's flow covers a second key type. The host (it serves the page
+    # on its plain listener) and the proxy are tests/conftest.py's.
     return th.generate("ES256")
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory, tls_files):
-    d = with_ui(Daemon(tmp_path_factory.mktemp("host"), tls_files))
-    d.start()
-    yield d
-    d.stop()
-
-
-@pytest.fixture(scope="module")
-def proxy(tmp_path_factory, tls_files, engine_key):
-    d = Daemon(tmp_path_factory.mktemp("proxy"), tls_files, {
-        "proxy": {"ca_file": tls_files[0], "use_unix_socket": False},
-        "tokens": {"public_keys": [th.public_pem(engine_key)]},
-    })
-    d.start()
-    yield d
-    d.stop()
 
 
 @pytest.fixture
