@@ -128,6 +128,23 @@ def block_digest(block, algorithm=ALGORITHM):
     return _digest(inner)
 
 
+class BlockHash:
+    """
+    The digest of one block fed in pieces (a reader whose buffer is smaller
+    than a block): update() each piece in order, then digest(), which is
+    block_digest() of the whole block.
+    """
+
+    def __init__(self, algorithm=ALGORITHM):
+        self._h = _new(algorithm)
+
+    def update(self, piece):
+        self._h.update(piece)
+
+    def digest(self):
+        return _digest(self._h)
+
+
 def zero_block_digest(length, algorithm=ALGORITHM):
     """The raw digest of an all-zero block of `length` bytes (cached)."""
     return _zero_digest(algorithm, length)

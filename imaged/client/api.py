@@ -29,6 +29,7 @@ from . import errors
 from . import formats
 from . import http
 from . import local
+from . import resume as resume_mod
 from . import retry as retry_mod
 from . import transfer
 from .images import Extent
@@ -320,25 +321,29 @@ def upload(path, url, *, connections=None, verify=False, detect_zeroes=False,
         request_size = _upload_request_size(size, count, buffer_size, detect_zeroes)
 
         started = time.monotonic()
-        skipped = 0
+        plan = None
         if resume:
-            items, skipped = _resume_plan(target, src.reader(), src.extents(), size,
-                                          progress, upload=True)
+            _require_blocks(opts)
+            plan = resume_mod.Plan(
+                src.extents(), _server_extents(target, size), size, RESUME_BLOCK_SIZE,
+                _upload_request_size(size, count, buffer_size, False), progress)
+            workers = [resume_mod.UploadWorker(
+                image, src.reader(), buffer_size, progress, opts, resume_mod.algorithm(),
+                RESUME_BLOCK_SIZE) for image in _images(target, count)]
         else:
-            items = transfer.plan(src.extents(), request_size)
-        workers = [transfer.UploadWorker(
-            target.image if i == 0 else target.new_image(), src.reader(), buffer_size,
-            progress, opts, detect_zeroes) for i in range(count)]
+            workers = [transfer.UploadWorker(
+                image, src.reader(), buffer_size, progress, opts, detect_zeroes)
+                for image in _images(target, count)]
 
-        progress.start("upload", size - skipped)
+        progress.start("upload", size)
         try:
-            transfer.run(items, workers)
+            transfer.run(plan or transfer.plan(src.extents(), request_size), workers)
             if opts.has("flush"):
                 workers[0].image.flush()
         finally:
             progress.end()
         result = Result.of("upload", size, workers, started, target,
-                           skipped_bytes=skipped, format=src.format)
+                           skipped_bytes=_skipped(plan, workers), format=src.format)
         if verify:
             result.checksum = _verify(target, src.reader(), src.extents(image_size),
                                       path, image_size, progress)
@@ -349,69 +354,30 @@ def upload(path, url, *, connections=None, verify=False, detect_zeroes=False,
         src.close()
 
 
-def _resume_plan(target, reader, extents, size, progress, upload,
-                 algorithm=blkhash.ALGORITHM, block_size=RESUME_BLOCK_SIZE):
-    """
-    Compare the blocks of the local image (`reader`, `extents`) with the
-    server's (GET .../checksum/blocks) over [0, size); returns (items, bytes
-    in place): the Items of the blocks that differ, one per block, and how
-    many bytes are the same on both sides.
+def _images(target, count):
+    """`count` ImageClients of `target`: its first one, then new ones."""
+    return [target.image if i == 0 else target.new_image() for i in range(count)]
 
-    An upload sends a differing block as data, or as zero when it is zero
-    here; a download fetches it, or zeroes it here when it is zero there.
-    """
-    if not target.options.has("checksum"):
+
+def _require_blocks(options):
+    if not options.has("checksum"):
         raise errors.UnsupportedError(
             "the server does not offer checksums, needed by --resume")
-    zero_digests = {}
-    remote = {}
 
-    def server_blocks():
-        try:
-            remote["blocks"] = list(target.image.blocks(algorithm, block_size, 0, size))
-        except BaseException as e:
-            remote["error"] = e
 
-    progress.start("compare", size)
-    try:
-        thread = threading.Thread(target=server_blocks, daemon=True,
-                                  name="imaged-client-blocks")
-        thread.start()
-        try:
-            mine = [(start, length, zero, digest) for start, length, zero, digest in
-                    local.block_digests(reader, extents, size, algorithm, block_size,
-                                        progress)]
-            while thread.is_alive():
-                thread.join(0.2)
-        except BaseException:
-            target.image.abort()
-            thread.join(transfer.STOP_TIMEOUT_S)
-            raise
-    finally:
-        progress.end()
-    if "error" in remote:
-        e = remote["error"]
-        if isinstance(e, errors.HTTPError) and e.status in (400, 404, 405):
-            raise errors.UnsupportedError(
-                f"the server cannot list block checksums, needed by --resume: {e}")
-        raise e
-    theirs = dict(remote["blocks"])
-    items = []
-    same = 0
-    for start, length, zero, digest in mine:
-        other = theirs.get(start)
-        if other == digest:
-            same += length
-            continue
-        if not upload:
-            zd = zero_digests.get(length)
-            if zd is None:
-                zd = zero_digests[length] = blkhash.zero_block_digest(length, algorithm)
-            zero = other == zd
-        items.append(transfer.Item(start, length, zero))
-    log.info("resume: %d of %d bytes already in place; %d blocks differ",
-             same, size, len(items))
-    return items, same
+def _server_extents(target, size):
+    """The image's Extents of [0, size); all data if the server has no extents."""
+    if target.options.has("extents"):
+        return list(target.image.extents(size))
+    log.info("the server does not report extents: reading the whole image")
+    return [Extent(0, size, False)] if size else []
+
+
+def _skipped(plan, workers):
+    """Bytes a resumed transfer found in place (0 without resume)."""
+    if plan is None:
+        return 0
+    return plan.same_bytes + sum(w.skipped_bytes for w in workers)
 
 
 def upload_stream(stream, url, *, retries=DEFAULT_RETRIES,
@@ -603,16 +569,13 @@ def download(url, path, *, connections=None, verify=False, detect_zeroes=False,
         if incremental:
             exts = [Extent(e.start, e.length, e.zero)
                     for e in target.image.dirty_extents(size) if e.dirty]
-        elif opts.has("extents"):
-            exts = list(target.image.extents(size))
         else:
-            log.info("the server does not report extents: reading the whole image")
-            exts = [Extent(0, size, False)] if size else []
+            exts = _server_extents(target, size)
         data = sum(e.length for e in exts if not e.zero)
         count = _connections(connections, opts, "reader", data, buffer_size)
 
         started = time.monotonic()
-        skipped = 0
+        plan = None
         write_zeroes = backing_file is not None
         if format == "qcow2":
             formats.create_qcow2(path, size, backing_file)
@@ -620,17 +583,15 @@ def download(url, path, *, connections=None, verify=False, detect_zeroes=False,
             sinks = [formats.NbdWriter(server) for _ in range(count)]
             items = transfer.plan(exts, buffer_size)
         elif resume:
+            _require_blocks(opts)
             fd = _open_local(path, os.O_RDWR | os.O_CREAT)
             if local.file_size(fd) != size:
                 os.ftruncate(fd, size)
-            blocks, skipped = _resume_plan(
-                target, local.FileReader(fd), local.extents(fd, size), size,
-                progress, upload=False)
-            # A download request fills one buffer: blocks larger than it go
-            # in pieces.
-            items = list(transfer.plan(blocks, buffer_size))
-            # Blocks that differ may hold old data: zero them for real.
-            write_zeroes = True
+            # Windows as large as an upload's requests: a window's differing
+            # blocks are fetched a buffer at a time.
+            items = plan = resume_mod.Plan(
+                exts, local.extents(fd, size), size, RESUME_BLOCK_SIZE,
+                _upload_request_size(size, count, buffer_size, False), progress)
             sinks = [local.FileSink(fd) for _ in range(count)]
         else:
             fd = _open_local(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -639,11 +600,17 @@ def download(url, path, *, connections=None, verify=False, detect_zeroes=False,
             os.ftruncate(fd, size)
             sinks = [local.FileSink(fd) for _ in range(count)]
             items = transfer.plan(exts, buffer_size)
-        workers = [transfer.DownloadWorker(
-            target.image if i == 0 else target.new_image(), sinks[i], buffer_size,
-            progress, detect_zeroes, write_zeroes) for i in range(count)]
+        if plan is not None:
+            workers = [resume_mod.DownloadWorker(
+                image, sinks[i], local.FileReader(fd), buffer_size, progress,
+                resume_mod.algorithm(), RESUME_BLOCK_SIZE)
+                for i, image in enumerate(_images(target, count))]
+        else:
+            workers = [transfer.DownloadWorker(
+                image, sinks[i], buffer_size, progress, detect_zeroes, write_zeroes)
+                for i, image in enumerate(_images(target, count))]
 
-        progress.start("download", size - skipped)
+        progress.start("download", size)
         try:
             transfer.run(items, workers)
             if server is not None:
@@ -662,7 +629,7 @@ def download(url, path, *, connections=None, verify=False, detect_zeroes=False,
             os.close(fd)
             fd = None
         result = Result.of("download", size, workers, started, target,
-                           skipped_bytes=skipped, format=format)
+                           skipped_bytes=_skipped(plan, workers), format=format)
         if verify:
             with _LocalImage.opened(path, format) as img:
                 result.checksum = _verify(target, img.reader(), img.extents(size),

@@ -212,14 +212,7 @@ class UploadWorker(_Worker):
             self._zero(item.start, item.length)
             return
         if item.length > self.chunk_size:
-            # Bytes of the item counted as progress so far: pieces are
-            # counted as they are sent, once even if the request is sent
-            # again on a new connection. A request succeeds only after all
-            # its pieces were sent, so all of them are counted by then.
-            counted = [0]
-            self.image.write_stream(item.start, item.length,
-                                    lambda: self._pieces(item, counted), self.flush)
-            self.data_bytes += item.length
+            self._send(item.start, item.length)
             return
         view = self._view(item.length)
         self.source.readinto(view, item.start)
@@ -229,6 +222,18 @@ class UploadWorker(_Worker):
         self.image.write(item.start, view, self.flush)
         self.data_bytes += item.length
         self.progress.update(item.length)
+
+    def _send(self, start, length):
+        """Send [start, start + length) of the local image in one request."""
+        # Bytes counted as progress so far: pieces are counted as they are
+        # sent, once even if the request is sent again on a new connection.
+        # A request succeeds only after all its pieces were sent, so all of
+        # them are counted by then.
+        item = Item(start, length, False)
+        counted = [0]
+        self.image.write_stream(start, length, lambda: self._pieces(item, counted),
+                                self.flush)
+        self.data_bytes += length
 
     def _read(self, view, pos):
         try:

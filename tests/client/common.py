@@ -121,10 +121,40 @@ def cli_command(*args):
     return [sys.executable, "-m", "imaged.client.cli"] + [str(a) for a in args]
 
 
-def run_cli(*args, timeout=CLI_TIMEOUT_S):
-    """Run imaged-client; returns the CompletedProcess (text output)."""
-    return subprocess.run(cli_command(*args), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def run_cli(*args, timeout=CLI_TIMEOUT_S, dump_after=None, dump_pids=()):
+    """
+    Run imaged-client; returns the CompletedProcess (text output).
+
+    `dump_after`: seconds after which the stacks of the client and of the
+    processes `dump_pids` (daemons) are printed (py-spy, when installed),
+    once, while the run goes on until `timeout`: a stall shows where it is.
+    """
+    proc = subprocess.Popen(cli_command(*args), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        try:
+            out, err = proc.communicate(timeout=dump_after)
+        except subprocess.TimeoutExpired:
+            dump_stacks([proc.pid, *dump_pids], f"still running after {dump_after} s")
+            out, err = proc.communicate(timeout=timeout - dump_after)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def dump_stacks(pids, why):
+    """Print the Python stacks of `pids` (py-spy dump) to stderr."""
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    for pid in pids:
+        print(f"--- stacks of {pid}: {why}", file=sys.stderr)
+        if not os.path.exists(spy):
+            print("(py-spy is not installed)", file=sys.stderr)
+            continue
+        r = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True,
+                           text=True, timeout=60)
+        print(r.stdout, r.stderr, file=sys.stderr)
 
 
 def start_cli(*args):

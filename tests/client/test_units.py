@@ -19,6 +19,7 @@ from imaged.client import errors
 from imaged.client import http
 from imaged.client import local
 from imaged.client import progress
+from imaged.client import resume
 from imaged.client import transfer
 from imaged.client.images import BASIC_OPTIONS, Extent, Options
 from tests.client.common import ROOT, MiB, RecordingProgress, make_sparse_image
@@ -43,6 +44,45 @@ def test_plan_splits_data_and_zero():
         (10, 10, True), (20, 10, True), (30, 5, True),
         (35, 4, False),
     ]
+
+
+def test_resume_plan_sorts_blocks_by_both_sides_extents():
+    # Blocks of 4: [0, 8) zero on both sides (in place), [8, 16) data here
+    # and zero there (fill), [16, 24) data on both (compare), [24, 28) zero
+    # here and data there (zero), and [28, 30) too: a block is zero only if
+    # all of it is, and half of it is data there.
+    mine = [Extent(0, 8, True), Extent(8, 16, False), Extent(24, 6, True)]
+    theirs = [Extent(0, 16, True), Extent(16, 13, False), Extent(29, 1, True)]
+    p = RecordingProgress()
+    plan = resume.Plan(mine, theirs, 30, block_size=4, window_bytes=8, progress=p,
+                       zero_step=4)
+    windows = list(plan)
+    assert windows == [
+        resume.Window(8, 8, resume.FILL),
+        resume.Window(16, 8, resume.COMPARE),
+        resume.Window(24, 4, resume.ZERO),
+        resume.Window(28, 2, resume.ZERO),
+    ]
+    assert plan.same_bytes == 8 and p.done == 8
+
+
+def test_resume_plan_windows_are_bounded():
+    mine = [Extent(0, 40, False)]
+    plan = resume.Plan(mine, mine, 40, block_size=4, window_bytes=12,
+                       progress=RecordingProgress())
+    assert [(w.start, w.length) for w in plan] == [(0, 12), (12, 12), (24, 12), (36, 4)]
+
+
+def test_resume_plan_refuses_extents_not_covering_the_image():
+    plan = resume.Plan([Extent(0, 8, False)], [Extent(0, 8, False)], 12, block_size=4,
+                       window_bytes=8, progress=RecordingProgress())
+    with pytest.raises(errors.ClientError):
+        list(plan)
+
+
+def test_resume_algorithm_is_a_candidate():
+    assert resume.algorithm() in resume.ALGORITHMS
+    blkhash.validate(resume.algorithm(), blkhash.BLOCK_SIZE)
 
 
 def test_run_raises_first_failure_and_stops_others():
