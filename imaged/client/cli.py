@@ -14,6 +14,7 @@ EXIT_STATUS); only a bug shows a traceback.
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import logging
 import re
@@ -352,6 +353,9 @@ def main(argv=None):
     # when the client was started with SIGINT ignored, as a shell starts its
     # background jobs: Python then leaves SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # kill -USR1 prints every thread's stack on stderr: where a transfer
+    # that seems stuck waits.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     with _logging_to_stderr(args.verbose):
         try:
             COMMANDS[args.command](args)

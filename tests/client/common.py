@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -145,11 +146,17 @@ def run_cli(*args, timeout=CLI_TIMEOUT_S, dump_after=None, dump_pids=()):
 
 
 def dump_stacks(pids, why):
-    """Print the Python stacks of `pids` (py-spy dump) to stderr."""
+    """
+    Print the Python stacks of `pids` to stderr with py-spy, when it is
+    installed; without it, only the client's (the first pid): the CLI
+    prints them on SIGUSR1, into its own stderr.
+    """
     spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    for pid in pids:
+    for i, pid in enumerate(pids):
         print(f"--- stacks of {pid}: {why}", file=sys.stderr)
         if not os.path.exists(spy):
+            if i == 0:
+                os.kill(pid, signal.SIGUSR1)
             print("(py-spy is not installed)", file=sys.stderr)
             continue
         r = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True,
