@@ -354,8 +354,12 @@ def main(argv=None):
     # background jobs: Python then leaves SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     # kill -USR1 prints every thread's stack on stderr: where a transfer
-    # that seems stuck waits.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # that seems stuck waits. (Not when stderr is no file: main() called
+    # with a captured stderr.)
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (OSError, ValueError, AttributeError):
+        pass
     with _logging_to_stderr(args.verbose):
         try:
             COMMANDS[args.command](args)

@@ -238,6 +238,21 @@ class _Comparing:
             else:
                 yield start, length, d_mine, d_theirs
 
+    def _compare(self, window, reader, local_source):
+        """
+        Compare the blocks of `window`: returns (zero, move), the blocks
+        that differ and are zero on the source side (local or not), and
+        the others: (start, length) each.
+        """
+        zero, move = [], []
+        for start, length, mine, theirs in self._differing(window, reader):
+            source = mine if local_source else theirs
+            if source == blkhash.zero_block_digest(length, self.algorithm):
+                zero.append((start, length))
+            else:
+                move.append((start, length))
+        return zero, move
+
     def _is_zero_block(self, reader, start, length):
         """Whether the local block reads as zeroes (main thread, buffer 0)."""
         self.finish()
@@ -279,12 +294,7 @@ class UploadWorker(_Comparing, transfer.UploadWorker):
                     send.append((start, length))
             zero = []
         else:
-            send, zero = [], []
-            for start, length, mine, _ in self._differing(window, self):
-                if mine == blkhash.zero_block_digest(length, self.algorithm):
-                    zero.append((start, length))
-                else:
-                    send.append((start, length))
+            zero, send = self._compare(window, self, local_source=True)
         for start, length in _runs(zero):
             self._zero(start, length)
         for start, length in _runs(send):
@@ -320,12 +330,7 @@ class DownloadWorker(_Comparing, transfer.DownloadWorker):
         elif window.kind == FILL:
             zero, fetch = [], [(window.start, window.length)]
         else:
-            zero, fetch = [], []
-            for start, length, _, theirs in self._differing(window, self.reader):
-                if theirs == blkhash.zero_block_digest(length, self.algorithm):
-                    zero.append((start, length))
-                else:
-                    fetch.append((start, length))
+            zero, fetch = self._compare(window, self.reader, local_source=False)
         for start, length in _runs(zero):
             self._zero_here(start, length)
         for start, length in _runs(fetch):

@@ -216,99 +216,17 @@ class RecordingProgress(Progress):
         return sum(self.updates)
 
 
-class SlowProxy:
+class Relay:
     """
-    A TCP proxy to `target` forwarding at most `rate` bytes per second in
-    each direction of each connection. pause() stops forwarding (the
-    server seems to hang), close() breaks every connection.
+    A TCP relay on a loopback port to `target` (host, port): each accepted
+    connection gets its own upstream connection and a thread per direction
+    that forwards what it reads through forward(). Subclasses decide what
+    is forwarded and when a connection breaks; close() breaks them all.
     """
 
-    def __init__(self, target, rate):
+    def __init__(self, target):
         self.target = target
-        self.rate = rate
-        self._forwarding = threading.Event()
-        self._forwarding.set()
-        self._socks = []
-        self._lock = threading.Lock()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def url(self, sid):
-        return f"http://127.0.0.1:{self.port}/images/{sid}"
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._socks += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src, dst):
-        try:
-            while True:
-                data = src.recv(64 * KiB)
-                if not data:
-                    break
-                self._forwarding.wait()
-                dst.sendall(data)
-                time.sleep(len(data) / self.rate)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def pause(self):
-        self._forwarding.clear()
-
-    def close(self):
-        self._forwarding.set()
-        self.listener.close()
-        with self._lock:
-            socks, self._socks = self._socks, []
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-
-class CuttingProxy:
-    """
-    A TCP relay to `target` that breaks connections, as a flaky network or
-    a restarting host does: each of the first `cut_connections` connections
-    is cut (both sockets closed) after `cut_after` bytes went through it,
-    both directions counted, so in the middle of a request body or of a
-    response; and every `busy_every`-th new connection (if set) is answered
-    503 and closed instead of being relayed. Counts `cuts` and `busy`.
-    """
-
-    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-            b"Content-Length: 5\r\nConnection: close\r\n\r\nbusy\n")
-
-    def __init__(self, target, cut_after, cut_connections=3, busy_every=None):
-        self.target = target
-        self.cut_after = cut_after
-        self.cut_connections = cut_connections
-        self.busy_every = busy_every
-        self.cuts = 0
-        self.busy = 0
         self.accepted = 0
-        self.relayed = 0
         self._socks = []
         self._lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -317,6 +235,19 @@ class CuttingProxy:
 
     def url(self, sid):
         return f"http://127.0.0.1:{self.port}/images/{sid}"
+
+    def admit(self, client):
+        """Whether to relay the new connection `client` (else it is handled)."""
+        return True
+
+    def connection(self):
+        """State shared by both directions of a new relayed connection."""
+        return None
+
+    def forward(self, data, dst, state):
+        """Send `data` to `dst`; False breaks the connection."""
+        dst.sendall(data)
+        return True
 
     def _accept(self):
         while True:
@@ -325,9 +256,7 @@ class CuttingProxy:
             except OSError:
                 return
             self.accepted += 1
-            if self.busy_every and self.accepted % self.busy_every == 0:
-                self.busy += 1
-                threading.Thread(target=self._busy, args=(client,), daemon=True).start()
+            if not self.admit(client):
                 continue
             try:
                 upstream = socket.create_connection(self.target)
@@ -336,12 +265,101 @@ class CuttingProxy:
                 continue
             with self._lock:
                 self._socks += [client, upstream]
-            self.relayed += 1
-            budget = [self.cut_after if self.relayed <= self.cut_connections else None]
-            threading.Thread(target=self._pump, args=(client, upstream, budget),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, budget),
-                             daemon=True).start()
+            state = self.connection()
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst, state),
+                                 daemon=True).start()
+
+    def _pump(self, src, dst, state):
+        try:
+            while True:
+                data = src.recv(64 * KiB)
+                if not data or not self.forward(data, dst, state):
+                    break
+        except OSError:
+            pass
+        finally:
+            # Closed, not only shut down: a peer still sending gets a reset
+            # at once instead of filling a buffer nobody reads.
+            for sock in (src, dst):
+                _shutdown(sock)
+                sock.close()
+
+    def close(self):
+        self.listener.close()
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for sock in socks:
+            _shutdown(sock)
+            sock.close()
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class SlowProxy(Relay):
+    """
+    A relay forwarding at most `rate` bytes per second in each direction of
+    each connection. pause() stops forwarding (the server seems to hang).
+    """
+
+    def __init__(self, target, rate):
+        self.rate = rate
+        self._forwarding = threading.Event()
+        self._forwarding.set()
+        super().__init__(target)
+
+    def forward(self, data, dst, state):
+        self._forwarding.wait()
+        dst.sendall(data)
+        time.sleep(len(data) / self.rate)
+        return True
+
+    def pause(self):
+        self._forwarding.clear()
+
+    def close(self):
+        self._forwarding.set()
+        super().close()
+
+
+class CuttingProxy(Relay):
+    """
+    A relay that breaks connections, as a flaky network or a restarting
+    host does: each of the first `cut_connections` connections is cut (both
+    sockets closed) after `cut_after` bytes went through it, both
+    directions counted, so in the middle of a request body or of a
+    response; and every `busy_every`-th new connection (if set) is answered
+    503 and closed instead of being relayed. Counts `cuts` and `busy`.
+    """
+
+    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 5\r\nConnection: close\r\n\r\nbusy\n")
+
+    def __init__(self, target, cut_after, cut_connections=3, busy_every=None):
+        self.cut_after = cut_after
+        self.cut_connections = cut_connections
+        self.busy_every = busy_every
+        self.cuts = 0
+        self.busy = 0
+        self.relayed = 0
+        super().__init__(target)
+
+    def admit(self, client):
+        if self.busy_every and self.accepted % self.busy_every == 0:
+            self.busy += 1
+            threading.Thread(target=self._busy, args=(client,), daemon=True).start()
+            return False
+        return True
+
+    def connection(self):
+        # Bytes left before the cut, shared by both directions.
+        self.relayed += 1
+        return [self.cut_after if self.relayed <= self.cut_connections else None]
 
     def _busy(self, client):
         try:
@@ -352,48 +370,22 @@ class CuttingProxy:
         finally:
             client.close()
 
-    def _pump(self, src, dst, budget):
-        try:
-            while True:
-                data = src.recv(64 * KiB)
-                if not data:
-                    break
-                with self._lock:
-                    left = budget[0]
-                    cut = left is not None and len(data) >= left
-                    if cut and left >= 0:
-                        # The other direction sees -1: already cut.
-                        budget[0] = -1
-                        self.cuts += 1
-                    elif left is not None and not cut:
-                        budget[0] -= len(data)
-                    left = max(left or 0, 0)
-                if cut:
-                    dst.sendall(data[:left])
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            # Closed, not only shut down: a peer still sending gets a reset
-            # at once instead of filling a buffer nobody reads.
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-
-    def close(self):
-        self.listener.close()
+    def forward(self, data, dst, budget):
         with self._lock:
-            socks, self._socks = self._socks, []
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+            left = budget[0]
+            cut = left is not None and len(data) >= left
+            if cut and left >= 0:
+                # The other direction sees -1: already cut.
+                budget[0] = -1
+                self.cuts += 1
+            elif left is not None and not cut:
+                budget[0] -= len(data)
+            left = max(left or 0, 0)
+        if cut:
+            dst.sendall(data[:left])
+            return False
+        dst.sendall(data)
+        return True
 
 
 # A server of the old images API.

@@ -6,6 +6,8 @@ about a second, and every test uses its own session and files. Tests that
 stop or break the daemon use the function scoped `daemon` fixture.
 """
 
+import functools
+
 import pytest
 
 from tests.client import common
@@ -21,18 +23,28 @@ def server(tmp_path_factory, tls_files):
 
 
 @pytest.fixture
-def slow_proxy():
-    """Factory: slow_proxy(daemon, rate) -> SlowProxy to its plain TCP port."""
-    proxies = []
+def relays():
+    """
+    Factory: relays(cls, daemon, *args, **kwargs) -> a common.Relay of class
+    `cls` to the daemon's plain TCP port; all are closed at the end of the
+    test.
+    """
+    made = []
 
-    def make(daemon, rate):
-        p = common.SlowProxy(("127.0.0.1", daemon.tcp_port), rate)
-        proxies.append(p)
-        return p
+    def make(cls, daemon, *args, **kwargs):
+        r = cls(("127.0.0.1", daemon.tcp_port), *args, **kwargs)
+        made.append(r)
+        return r
 
     yield make
-    for p in proxies:
-        p.close()
+    for r in made:
+        r.close()
+
+
+@pytest.fixture
+def slow_proxy(relays):
+    """Factory: slow_proxy(daemon, rate) -> common.SlowProxy to the daemon."""
+    return functools.partial(relays, common.SlowProxy)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ Retries: transfers through a relay that cuts connections and answers 503
 go on and complete, counting their retries; 4xx answers are final.
 """
 
+import functools
 import json
 
 import pytest
@@ -15,18 +16,9 @@ SIZE = 16 * MiB
 
 
 @pytest.fixture
-def relay(server):
-    proxies = []
-
-    def make(cut_after, cut_connections=3, busy_every=None):
-        p = CuttingProxy(("127.0.0.1", server.tcp_port), cut_after, cut_connections,
-                         busy_every)
-        proxies.append(p)
-        return p
-
-    yield make
-    for p in proxies:
-        p.close()
+def relay(server, relays):
+    """Factory: relay(cut_after, ...) -> a CuttingProxy to `server`."""
+    return functools.partial(relays, CuttingProxy, server)
 
 
 def result_of(stdout):
