@@ -138,6 +138,23 @@ class _Target:
         self.options = options._replace(unix_socket=path)
         self.unix_socket = path
 
+    @classmethod
+    @contextlib.contextmanager
+    def opened(cls, *args, **kwargs):
+        """A _Target(*args, **kwargs) closed at the end of the block."""
+        target = cls(*args, **kwargs)
+        try:
+            yield target
+        finally:
+            target.close()
+
+    def writable_size(self):
+        """The image size, once it is known that the session takes writes."""
+        if not self.options.writable:
+            raise errors.ForbiddenError(
+                "the session is read-only: upload needs a session allowing 'write'")
+        return self.image.size()
+
     @property
     def transport(self):
         return self.image.transport
@@ -303,10 +320,7 @@ def upload(path, url, *, connections=None, verify=False, detect_zeroes=False,
         target = _Target(url, cafile, insecure, timeout, use_unix_socket,
                          retries, retry_delay)
         opts = target.options
-        if not opts.writable:
-            raise errors.ForbiddenError(
-                "the session is read-only: upload needs a session allowing 'write'")
-        image_size = target.image.size()
+        image_size = target.writable_size()
         if size > image_size:
             raise errors.OutOfRangeError(
                 f"{path} is larger than the image: {size} > {image_size} bytes")
@@ -394,14 +408,10 @@ def upload_stream(stream, url, *, retries=DEFAULT_RETRIES,
     """
     _check_buffer_size(buffer_size)
     progress = progress or Progress()
-    target = _Target(url, cafile, insecure, timeout, use_unix_socket, retries,
-                     retry_delay)
-    try:
+    with _Target.opened(url, cafile, insecure, timeout, use_unix_socket, retries,
+                        retry_delay) as target:
         opts = target.options
-        if not opts.writable:
-            raise errors.ForbiddenError(
-                "the session is read-only: upload needs a session allowing 'write'")
-        image_size = target.image.size()
+        image_size = target.writable_size()
         image = target.image
         flush = False if opts.has("flush") else None
         can_zero = opts.has("zero")
@@ -441,8 +451,6 @@ def upload_stream(stream, url, *, retries=DEFAULT_RETRIES,
             log.info("the input ended at %d: the rest of the image is left unchanged", pos)
         return Result("upload", pos, data, zeroes, time.monotonic() - started, 1,
                       target.transport, retries=target.retry.count)
-    finally:
-        target.close()
 
 
 def _fill(stream, view):
@@ -469,9 +477,8 @@ def download_stream(url, stream, *, retries=DEFAULT_RETRIES,
     _check_buffer_size(buffer_size)
     progress = progress or Progress()
     fd = stream if isinstance(stream, int) else stream.fileno()
-    target = _Target(url, cafile, insecure, timeout, use_unix_socket, retries,
-                     retry_delay)
-    try:
+    with _Target.opened(url, cafile, insecure, timeout, use_unix_socket, retries,
+                        retry_delay) as target:
         opts = target.options
         size = target.image.size()
         if opts.has("extents"):
@@ -500,8 +507,6 @@ def download_stream(url, stream, *, retries=DEFAULT_RETRIES,
             progress.end()
         return Result("download", size, data, zero, time.monotonic() - started, 1,
                       target.transport, retries=target.retry.count)
-    finally:
-        target.close()
 
 
 def download(url, path, *, connections=None, verify=False, detect_zeroes=False,
@@ -653,13 +658,10 @@ def checksum(url, *, algorithm=blkhash.ALGORITHM, block_size=blkhash.BLOCK_SIZE,
     {"algorithm": ..., "block_size": ..., "checksum": ...}.
     """
     local.validate_checksum_args(algorithm, block_size)
-    target = _Target(url, cafile, insecure, timeout, use_unix_socket, retries,
-                     retry_delay)
-    try:
+    with _Target.opened(url, cafile, insecure, timeout, use_unix_socket, retries,
+                        retry_delay) as target:
         _require_checksum(target.options)
         return target.image.checksum(algorithm, block_size)
-    finally:
-        target.close()
 
 
 def verify(path, url, *, algorithm=blkhash.ALGORITHM, block_size=blkhash.BLOCK_SIZE,
@@ -675,15 +677,12 @@ def verify(path, url, *, algorithm=blkhash.ALGORITHM, block_size=blkhash.BLOCK_S
     """
     local.validate_checksum_args(algorithm, block_size)
     progress = progress or Progress()
-    with _LocalImage.opened(path, format) as img:
-        target = _Target(url, cafile, insecure, timeout, use_unix_socket, retries,
-                         retry_delay)
-        try:
-            size = target.image.size()
-            return _verify(target, img.reader(), img.extents(size), path, size,
-                           progress, algorithm, block_size)
-        finally:
-            target.close()
+    with _LocalImage.opened(path, format) as img, \
+            _Target.opened(url, cafile, insecure, timeout, use_unix_socket, retries,
+                           retry_delay) as target:
+        size = target.image.size()
+        return _verify(target, img.reader(), img.extents(size), path, size,
+                       progress, algorithm, block_size)
 
 
 def info(url, *, cafile=None, insecure=False, timeout=DEFAULT_TIMEOUT,
@@ -693,16 +692,13 @@ def info(url, *, cafile=None, insecure=False, timeout=DEFAULT_TIMEOUT,
     the OPTIONS answer (allow, features, max_readers, max_writers,
     unix_socket).
     """
-    target = _Target(url, cafile, insecure, timeout, use_unix_socket, retries,
-                     retry_delay)
-    try:
+    with _Target.opened(url, cafile, insecure, timeout, use_unix_socket, retries,
+                        retry_delay) as target:
         result = {"size": target.image.size(),
                   "writable": target.options.writable,
                   "transport": target.transport}
         result.update(target.options.to_dict())
         return result
-    finally:
-        target.close()
 
 
 def _require_checksum(options):
