@@ -340,10 +340,18 @@ class RequestBody:
 
     def _read_plain(self, view):
         sock = self._link.sock
+        if self._fd is not None:
+            # The stream's buffer was drained (_drain_stream): from now on
+            # the socket itself, also for small reads in the event loop. The
+            # stream's readinto() fills its buffer past a view with a small
+            # tail, and the thread reads that follow never look there: a
+            # local upload beside four others waited 60 s for the last
+            # 8 KiB of a body that sat in that buffer, then failed (400).
+            if len(view) >= self.THREAD_READ_MIN_BYTES:
+                return self._read_in_thread(view, sock)
+            return sock.recv_into(view)
         if len(view) >= self.THREAD_READ_MIN_BYTES:
-            if self._fd is None:
-                return self._drain_stream(view, sock)
-            return self._read_in_thread(view, sock)
+            return self._drain_stream(view, sock)
         return self._rfile.readinto(view)
 
     def _drain_stream(self, view, sock):
@@ -362,7 +370,8 @@ class RequestBody:
         if cls._thread_readers is None:
             cls._thread_readers = gevent.lock.BoundedSemaphore(cls.THREAD_READERS)
         if not cls._thread_readers.acquire(blocking=False):
-            return self._rfile.readinto(view)
+            # In the event loop, from the socket itself (see _read_plain).
+            return sock.recv_into(view)
         try:
             tls = None
             if self._tls:

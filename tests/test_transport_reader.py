@@ -204,3 +204,58 @@ def test_body_reader_spins_only_for_local_clients():
     with unix_a, unix_b, tcp:
         assert body_reader_on(unix_a)._spin_s == web.RequestBody.UNIX_SPIN_S
         assert body_reader_on(tcp)._spin_s == 0.0
+
+
+def test_body_read_in_the_event_loop_leaves_nothing_behind(monkeypatch):
+    # Body reads in the event loop (every thread reader busy, or a view
+    # too small for a thread) must not read ahead into the connection's
+    # stream buffer: the next read, in a pool thread, reads the socket
+    # itself and never looks there. (A resumed upload once waited 60 s for
+    # the last 8 KiB of a request body that sat in that buffer, then failed
+    # with a 400.)
+    import gevent
+    import gevent.event
+    import gevent.lock
+    import gevent.socket
+    from imaged import framing
+
+    view_bytes = 512 * 1024
+    data = os.urandom(1000 + view_bytes + 1024**2)
+    a, b = gevent.socket.socketpair()
+    a.settimeout(5)
+    steps = [gevent.event.Event() for _ in range(2)]
+
+    def send():
+        # A short first piece: the stream is drained, then the socket read.
+        b.sendall(data[:1000])
+        steps[0].wait()
+        # All but 100 bytes of the next view, then the rest: a reader
+        # through the stream buffers what goes past the view.
+        b.sendall(data[1000:1000 + view_bytes - 100])
+        steps[1].wait()
+        b.sendall(data[1000 + view_bytes - 100:])
+
+    sender = gevent.spawn(send)
+    slots = gevent.lock.BoundedSemaphore(web.RequestBody.THREAD_READERS)
+    monkeypatch.setattr(web.RequestBody, "_thread_readers", slots)
+    body = web.RequestBody(web.Link(a), a.makefile("rb", -1),
+                           framing.Framing(content_length=len(data)), False)
+    got = bytearray()
+    buf = memoryview(bytearray(view_bytes))
+    got += buf[:body.readinto(buf)]
+    steps[0].set()
+    # Every thread reader busy.
+    for _ in range(web.RequestBody.THREAD_READERS):
+        slots.acquire()
+    gevent.spawn_later(0.2, steps[1].set)
+    while len(got) < 1000 + view_bytes:
+        got += buf[:body.readinto(buf[:1000 + view_bytes - len(got)])]
+    for _ in range(web.RequestBody.THREAD_READERS):
+        slots.release()
+    # A thread reader again, for the rest.
+    while len(got) < len(data):
+        got += buf[:body.readinto(buf)]
+    sender.join(5)
+    assert bytes(got) == data
+    a.close()
+    b.close()
