@@ -190,17 +190,17 @@ def _connections(requested, options, kind, work_bytes, chunk_size):
     return max(1, min(wanted, -(-work_bytes // chunk_size)))
 
 
-def _upload_request_size(size, connections, buffer_size, detect_zeroes):
+def _request_size(size, connections, buffer_size, one_buffer=False):
     """
-    Bytes per upload request: up to transfer.UPLOAD_REQUEST_BYTES, sent a
-    buffer at a time, but no more than an even share of the image for each
-    connection; a single buffer when each must be looked at for zeroes
+    Bytes per data request: up to transfer.REQUEST_BYTES, moved a buffer at
+    a time, but no more than an even share of `size` for each connection;
+    a single buffer (`one_buffer`) when each must be looked at for zeroes
     before it is sent.
     """
-    if detect_zeroes:
+    if one_buffer:
         return buffer_size
     share = util.round_up(-(-size // connections), buffer_size)
-    return max(buffer_size, min(transfer.UPLOAD_REQUEST_BYTES, share))
+    return max(buffer_size, min(transfer.REQUEST_BYTES, share))
 
 
 def _check_buffer_size(buffer_size):
@@ -332,7 +332,7 @@ def upload(path, url, *, connections=None, verify=False, detect_zeroes=False,
         if src.format in formats.DETECT_ZEROES_FORMATS:
             detect_zeroes = True
         count = _connections(connections, opts, "writer", size, buffer_size)
-        request_size = _upload_request_size(size, count, buffer_size, detect_zeroes)
+        request_size = _request_size(size, count, buffer_size, detect_zeroes)
 
         started = time.monotonic()
         plan = None
@@ -340,7 +340,7 @@ def upload(path, url, *, connections=None, verify=False, detect_zeroes=False,
             _require_blocks(opts)
             plan = resume_mod.Plan(
                 src.extents(), _server_extents(target, size), size, RESUME_BLOCK_SIZE,
-                _upload_request_size(size, count, buffer_size, False), progress)
+                _request_size(size, count, buffer_size), progress)
             workers = [resume_mod.UploadWorker(
                 image, src.reader(), buffer_size, progress, opts, resume_mod.algorithm(),
                 RESUME_BLOCK_SIZE) for image in _images(target, count)]
@@ -586,7 +586,7 @@ def download(url, path, *, connections=None, verify=False, detect_zeroes=False,
             formats.create_qcow2(path, size, backing_file)
             server = formats.QemuNBD(path, "qcow2", readonly=False, shared=count + 1)
             sinks = [formats.NbdWriter(server) for _ in range(count)]
-            items = transfer.plan(exts, buffer_size)
+            items = transfer.plan(exts, _request_size(data, count, buffer_size))
         elif resume:
             _require_blocks(opts)
             fd = _open_local(path, os.O_RDWR | os.O_CREAT)
@@ -596,7 +596,7 @@ def download(url, path, *, connections=None, verify=False, detect_zeroes=False,
             # blocks are fetched a buffer at a time.
             items = plan = resume_mod.Plan(
                 exts, local.extents(fd, size), size, RESUME_BLOCK_SIZE,
-                _upload_request_size(size, count, buffer_size, False), progress)
+                _request_size(size, count, buffer_size), progress)
             sinks = [local.FileSink(fd) for _ in range(count)]
         else:
             fd = _open_local(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -604,7 +604,7 @@ def download(url, path, *, connections=None, verify=False, detect_zeroes=False,
             # one hole of the image size.
             os.ftruncate(fd, size)
             sinks = [local.FileSink(fd) for _ in range(count)]
-            items = transfer.plan(exts, buffer_size)
+            items = transfer.plan(exts, _request_size(data, count, buffer_size))
         if plan is not None:
             workers = [resume_mod.DownloadWorker(
                 image, sinks[i], local.FileReader(fd), buffer_size, progress,

@@ -234,6 +234,31 @@ class ImageClient:
                 f"server sent {resp.length} bytes for a {len(view)} bytes range")
         self.conn.read_into(resp, view)
 
+    def read_stream(self, offset, length, sink):
+        """
+        Read `length` bytes at `offset` in one request, a piece at a time:
+        sink.view(pos, n) gives a writable view for the `n` bytes at `pos`,
+        and sink.filled(pos, view) takes it once filled. Sent again from
+        `offset` if it fails transiently (the pieces are given again).
+        """
+        self._call("GET", self._read_stream, offset, length, sink)
+
+    def _read_stream(self, offset, length, sink):
+        last = offset + length - 1
+        resp = self.conn.request("GET", self.path,
+                                 headers={"Range": f"bytes={offset}-{last}"},
+                                 ok=(206,))
+        if resp.length is not None and resp.length != length:
+            self.conn.close()
+            raise errors.ClientError(
+                f"server sent {resp.length} bytes for a {length} bytes range")
+        pos, end = offset, offset + length
+        while pos < end:
+            view = sink.view(pos, end - pos)
+            self.conn.read_into(resp, view)
+            sink.filled(pos, view)
+            pos += len(view)
+
     def write(self, offset, view, flush):
         """Write `view` at `offset`; `flush` is sent only if supported."""
         self._put(offset, len(view), view, flush)

@@ -328,13 +328,13 @@ def test_upload_progress_counted_once_when_a_request_is_resent(tmp_path):
     assert worker.data_bytes == len(data)
 
 
-def test_upload_request_size():
-    # Up to UPLOAD_REQUEST_BYTES, a multiple of the buffer size, an even
+def test_request_size():
+    # Up to REQUEST_BYTES, a multiple of the buffer size, an even
     # share for each connection, one buffer when looking for zeroes.
-    big = transfer.UPLOAD_REQUEST_BYTES
-    assert api._upload_request_size(10 * big, 1, MiB, False) == big
-    assert api._upload_request_size(24 * MiB, 4, MiB, False) == 6 * MiB
-    assert api._upload_request_size(23 * MiB + 1, 4, MiB, False) == 6 * MiB
-    assert api._upload_request_size(MiB // 2, 1, MiB, False) == MiB
-    assert api._upload_request_size(10 * big, 1, 2 * big, False) == 2 * big
-    assert api._upload_request_size(10 * big, 1, MiB, True) == MiB
+    big = transfer.REQUEST_BYTES
+    assert api._request_size(10 * big, 1, MiB, False) == big
+    assert api._request_size(24 * MiB, 4, MiB, False) == 6 * MiB
+    assert api._request_size(23 * MiB + 1, 4, MiB, False) == 6 * MiB
+    assert api._request_size(MiB // 2, 1, MiB, False) == MiB
+    assert api._request_size(10 * big, 1, 2 * big, False) == 2 * big
+    assert api._request_size(10 * big, 1, MiB, True) == MiB
