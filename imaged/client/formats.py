@@ -156,6 +156,16 @@ def create_qcow2(path, size, backing_file=None):
             f"cannot create {path}: {msg[-1] if msg else 'qemu-img failed'}")
 
 
+def _direct_io_works(path, readonly):
+    """Whether `path` opens with O_DIRECT (not on tmpfs, for one)."""
+    try:
+        fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 class QemuNBD:
     """
     A qemu-nbd serving `path` (in `fmt`) on a unix socket in a private
@@ -172,7 +182,17 @@ class QemuNBD:
         self._dir = tempfile.mkdtemp(prefix="imaged-client-")
         self.socket = os.path.join(self._dir, "nbd.sock")
         cmd = [qemu_nbd, "--socket", self.socket, "--format", fmt,
-               "--shared", str(shared), "--persistent", "--cache=writeback"]
+               "--shared", str(shared), "--persistent"]
+        if _direct_io_works(path, readonly):
+            # Reads and writes by DMA, not copied through the page cache:
+            # a qcow2 upload (2 GiB of data in 8 GiB, one connection, the
+            # source in the page cache) took client and qemu-nbd 3.3-3.8 s
+            # of CPU with cache=writeback, 2.6-3.1 s with cache=none
+            # (ovirt-imageio's client, which does the same: 2.8-3.2 s).
+            cmd += ["--cache=none", "--aio=native"]
+        else:
+            # tmpfs and other file systems without O_DIRECT.
+            cmd += ["--cache=writeback"]
         if readonly:
             cmd.append("--read-only")
         cmd.append(path)
