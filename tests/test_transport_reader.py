@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 
 import pytest
 
@@ -20,16 +21,16 @@ class Link:
     non-blocking socket, with TLS its C object) and the client end.
     """
 
-    def __init__(self, server, client, tls, spin_s=0.0):
+    def __init__(self, server, client, tls, spin=None):
         self.server = server
         self.client = client
         self.tls = tls
-        self.spin_s = spin_s
+        self.spin = spin
 
     def recv(self, view, timeout_s):
         """What BodyReader runs in a pool thread."""
         return web._recv_blocking(self.server.fileno(), view, timeout_s, self.tls,
-                                  self.spin_s)
+                                  self.spin)
 
 
 def tls_link(a, b, tls_files):
@@ -55,8 +56,9 @@ def link(request):
     else:
         # Like a gevent socket: the file descriptor is non-blocking.
         a.setblocking(False)
-        spin_s = web.RequestBody.UNIX_SPIN_S if request.param == "plain-spin" else 0.0
-        link = Link(a, b, None, spin_s)
+        spin = (web.Spin(web.RequestBody.UNIX_SPIN_S) if request.param == "plain-spin"
+                else None)
+        link = Link(a, b, None, spin)
     yield link
     link.server.close()
     link.client.close()
@@ -173,7 +175,7 @@ def test_recv_spins_before_sleeping(monkeypatch, spin_s, sleeps):
         later = threading.Timer(0.05, b.sendall, [b"second"])
         later.start()
         view = memoryview(bytearray(11))
-        assert web._recv_blocking(a.fileno(), view, 10, None, spin_s) == 11
+        assert web._recv_blocking(a.fileno(), view, 10, None, web.Spin(spin_s)) == 11
         later.join()
     assert view.tobytes() == b"firstsecond"
     assert counting.sleeps == sleeps
@@ -188,7 +190,8 @@ def test_recv_spin_gives_way_to_the_timeout(monkeypatch):
     a.setblocking(False)
     with a, b:
         with pytest.raises(socket.timeout):
-            web._recv_blocking(a.fileno(), memoryview(bytearray(10)), 0.05, None, 0.1)
+            web._recv_blocking(a.fileno(), memoryview(bytearray(10)), 0.05, None,
+                               web.Spin(0.1))
     assert counting.sleeps == 1
 
 
@@ -202,8 +205,8 @@ def test_body_reader_spins_only_for_local_clients():
     unix_a, unix_b = socket.socketpair(socket.AF_UNIX)
     tcp = socket.socket(socket.AF_INET)
     with unix_a, unix_b, tcp:
-        assert body_reader_on(unix_a)._spin_s == web.RequestBody.UNIX_SPIN_S
-        assert body_reader_on(tcp)._spin_s == 0.0
+        assert body_reader_on(unix_a)._spin.spin_s == web.RequestBody.UNIX_SPIN_S
+        assert body_reader_on(tcp)._spin is None
 
 
 def test_body_read_in_the_event_loop_leaves_nothing_behind(monkeypatch):
@@ -259,3 +262,59 @@ def test_body_read_in_the_event_loop_leaves_nothing_behind(monkeypatch):
     assert bytes(got) == data
     a.close()
     b.close()
+
+
+def test_recv_stops_spinning_where_spins_find_no_data(monkeypatch):
+    # A client that sends each piece only after the reader has slept: every
+    # spin ends without data, so the reader soon stops spinning, and spins
+    # again only on one gap in Spin.PROBE_EVERY. The pieces come 20 ms
+    # apart and the spin is 5 ms: no spin can find one.
+    counting = CountingPoll(web._thread_poll)
+    monkeypatch.setattr(web, "_thread_poll", counting)
+    spin = web.Spin(0.005)
+    pieces = 40
+    a, b = socket.socketpair()
+    a.setblocking(False)
+
+    def send():
+        for _ in range(pieces):
+            time.sleep(0.02)
+            b.sendall(b"x")
+
+    with a, b:
+        t = threading.Thread(target=send)
+        t.start()
+        view = memoryview(bytearray(pieces))
+        assert web._recv_blocking(a.fileno(), view, 10, None, spin) == pieces
+        t.join()
+    assert counting.sleeps == pieces
+    # Spins while the success rate is still >= 1/2 (1.0 * (7/8)**6 < 1/2),
+    # then one probe in 16 gaps.
+    assert spin.success < web.Spin.MIN_SUCCESS
+    assert 6 <= spin.spins <= 6 + pieces // web.Spin.PROBE_EVERY + 1
+
+
+def test_recv_keeps_spinning_where_spins_find_data(monkeypatch):
+    # Pieces 1 ms apart and a 1 s spin: every spin ends with data and the
+    # reader never sleeps.
+    counting = CountingPoll(web._thread_poll)
+    monkeypatch.setattr(web, "_thread_poll", counting)
+    spin = web.Spin(1.0)
+    pieces = 40
+    a, b = socket.socketpair()
+    a.setblocking(False)
+
+    def send():
+        for _ in range(pieces):
+            time.sleep(0.001)
+            b.sendall(b"x")
+
+    with a, b:
+        t = threading.Thread(target=send)
+        t.start()
+        view = memoryview(bytearray(pieces))
+        assert web._recv_blocking(a.fileno(), view, 10, None, spin) == pieces
+        t.join()
+    assert counting.sleeps == 0
+    assert spin.success == 1.0
+    assert spin.spins >= 1
