@@ -110,6 +110,36 @@ def merged(extents):
         yield current
 
 
+def check_writable(writable):
+    """Raise Forbidden for a write or zero on an image opened read-only."""
+    if not writable:
+        raise errors.Forbidden("Image is opened read-only")
+
+
+def check_range(offset, length, size):
+    """
+    Validate the range of a write or zero on an image of `size` bytes:
+    BadRequest for a negative offset or length, RangeNotSatisfiable (with
+    the size) for a range ending after the image: backends never extend
+    an image.
+    """
+    if offset < 0 or length < 0:
+        raise errors.BadRequest(
+            f"Invalid range: offset={offset} length={length}")
+    if offset + length > size:
+        raise errors.RangeNotSatisfiable(
+            f"Range {offset}-{offset + length} is after the end of "
+            f"the image ({size} bytes)", size=size)
+
+
+def byte_view(buf):
+    """A flat memoryview of bytes over any buffer (array, mmap, bytearray)."""
+    mv = memoryview(buf)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
 class Capabilities(NamedTuple):
     """What an open backend supports; the images service reads it."""
 

@@ -37,6 +37,9 @@ from .. import errors
 from .. import util
 from . import Capabilities
 from . import Extent
+from . import byte_view
+from . import check_range
+from . import check_writable
 from . import merged
 
 # fallocate(2) modes from <linux/falloc.h>.
@@ -229,7 +232,7 @@ class FileBackend:
         """
         if offset < 0:
             raise errors.BadRequest(f"Invalid offset {offset}")
-        mv = _byte_view(buf)
+        mv = byte_view(buf)
         with _reporting("read", offset):
             if self._direct:
                 return self._read_direct(offset, mv)
@@ -242,9 +245,9 @@ class FileBackend:
         Raises errors.RangeNotSatisfiable, writing nothing, if the range
         ends after the end of the image.
         """
-        self._check_writable()
-        mv = _byte_view(buf)
-        size = self._check_range(offset, len(mv))
+        check_writable(self._writable)
+        mv = byte_view(buf)
+        size = self._checked_size(offset, len(mv))
         with _reporting("write", offset):
             self._write(offset, mv, size)
         return len(mv)
@@ -257,8 +260,8 @@ class FileBackend:
         it, otherwise it stays allocated. Raises errors.RangeNotSatisfiable
         if the range ends after the end of the image.
         """
-        self._check_writable()
-        size = self._check_range(offset, length)
+        check_writable(self._writable)
+        size = self._checked_size(offset, length)
         if length == 0:
             return
         # Only whole blocks are zeroed by the storage. Partial blocks are
@@ -338,20 +341,10 @@ class FileBackend:
 
     # Checks
 
-    def _check_writable(self):
-        if not self._writable:
-            raise errors.Forbidden("Image is opened read-only")
-
-    def _check_range(self, offset, length):
+    def _checked_size(self, offset, length):
         """Validate a write or zero range and return the image size."""
-        if offset < 0 or length < 0:
-            raise errors.BadRequest(
-                f"Invalid range: offset={offset} length={length}")
         size = self.size()
-        if offset + length > size:
-            raise errors.RangeNotSatisfiable(
-                f"Range {offset}-{offset + length} is after the end of "
-                f"the image ({size} bytes)", size=size)
+        check_range(offset, length, size)
         return size
 
     # Reading
@@ -559,12 +552,6 @@ def _check_type(st_mode, path):
             f"Not a regular file or block device: {path}")
     return st_mode
 
-
-def _byte_view(buf):
-    mv = memoryview(buf)
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
-    return mv
 
 
 def _is_aligned(mv, align):

@@ -49,7 +49,7 @@ import os
 import time
 
 from .. import errors
-from . import Capabilities, Extent, merged
+from . import Capabilities, Extent, byte_view, check_range, check_writable, merged
 from . import nbdurl
 
 try:
@@ -243,7 +243,7 @@ class NbdBackend:
         """Read len(buf) bytes at `offset`; fewer only at the end of the export."""
         if offset < 0:
             raise errors.BadRequest(f"Invalid offset {offset}")
-        mv = _byte_view(buf)
+        mv = byte_view(buf)
         h = self._handle()
         count = max(0, min(len(mv), self._size - offset))
         if count:
@@ -253,10 +253,10 @@ class NbdBackend:
 
     def write(self, offset, buf):
         """Write all of `buf` at `offset`; never past the end of the export."""
-        self._check_writable()
-        mv = _byte_view(buf)
+        check_writable(self._writable)
+        mv = byte_view(buf)
         h = self._handle()
-        self._check_range(offset, len(mv))
+        check_range(offset, len(mv), self._size)
         if len(mv):
             with self._reporting("write", offset):
                 self._unflushed = True
@@ -272,9 +272,9 @@ class NbdBackend:
         offers fast zero, it is asked first, falling back to a plain zero
         the first time the server says it cannot zero fast.
         """
-        self._check_writable()
+        check_writable(self._writable)
         h = self._handle()
-        self._check_range(offset, length)
+        check_range(offset, length, self._size)
         with self._reporting("zero", offset):
             self._unflushed = True
             if not h.can_zero():
@@ -449,20 +449,7 @@ class NbdBackend:
                 yield _extent(ext_start, ext_len, flags, context)
             pos += covered
 
-    # Checks and errors
-
-    def _check_writable(self):
-        if not self._writable:
-            raise errors.Forbidden("Image is opened read-only")
-
-    def _check_range(self, offset, length):
-        if offset < 0 or length < 0:
-            raise errors.BadRequest(
-                f"Invalid range: offset={offset} length={length}")
-        if offset + length > self._size:
-            raise errors.RangeNotSatisfiable(
-                f"Range {offset}-{offset + length} is after the end of "
-                f"the image ({self._size} bytes)", size=self._size)
+    # Errors
 
     @contextlib.contextmanager
     def _reporting(self, op, offset):
@@ -554,13 +541,6 @@ def _extent(start, length, flags, context):
     hole = len(flags) > 1 and flags[1] == 0
     return Extent(start, length, zero, hole)
 
-
-
-def _byte_view(buf):
-    mv = memoryview(buf)
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
-    return mv
 
 
 def _describe(e):
