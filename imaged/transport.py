@@ -614,12 +614,13 @@ class Handler(pywsgi.WSGIHandler):
     LINGER_BYTES = 256 * 1024**2
     # Kernel send buffer of a local (unix socket) connection. What a unix
     # socket holds in flight is the sender's send buffer (the default
-    # 208 KiB): each 1 MiB piece of a download took several send() calls,
-    # an EAGAIN and a trip through the event loop. With 4 MiB (the kernel
-    # caps it at net.core.wmem_max), a 2 GiB NBD download over the unix
-    # socket made 2,191 send() calls and 402 epoll waits instead of 16,500
-    # and 6,459; server CPU 1.10-1.20 -> 0.96-1.14 s (4 pairs, alternating,
-    # busy 2-core VM, docs/benchmarks.md).
+    # 208 KiB), so each chunk of a download took many send() calls, EAGAINs
+    # and trips through the event loop. With 4 MiB (the kernel caps it at
+    # net.core.wmem_max), a 2 GiB NBD download over the unix socket made
+    # 533 send() calls and 490 epoll waits instead of 11,068 and 3,454, and
+    # cost 0.97-1.04 server CPU s instead of 1.09-1.36 (ovirt-imageio:
+    # 0.97-1.05), 3 pairs alternating on a busy 2-core VM
+    # (docs/benchmarks.md).
     UNIX_SEND_BUFFER_BYTES = 4 * 1024**2
 
     def handle(self):
