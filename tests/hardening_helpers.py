@@ -82,6 +82,17 @@ def connect(daemon, kind="tcp", rcvbuf=None, timeout=WAIT_S, cert=None):
     return sock
 
 
+def handshake(d, ciphers=None, version=ssl.TLSVersion.TLSv1_2):
+    """(version, cipher) a default Python client negotiates with `d`'s TLS listener."""
+    ctx = ssl.create_default_context(cafile=d.cert)
+    ctx.minimum_version = ctx.maximum_version = version
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    with socket.create_connection(("127.0.0.1", d.tls_port), timeout=10) as s:
+        with ctx.wrap_socket(s, server_hostname="localhost") as tls:
+            return tls.version(), tls.cipher()[0]
+
+
 def control_connect(daemon, timeout=WAIT_S):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.conftest import ROOT, needs_tool
-from tests.hardening_helpers import connect, raw_request, sparse_file, KiB
+from tests.hardening_helpers import connect, handshake, raw_request, sparse_file, KiB
 
 pytestmark = needs_tool("openssl")
 
@@ -125,16 +125,6 @@ def test_verify_clients_needs_ca_file(tmp_path):
 
 
 # Protocol and ciphers (no client certificates).
-
-def handshake(d, ciphers=None, version=ssl.TLSVersion.TLSv1_2):
-    ctx = ssl.create_default_context(cafile=d.cert)
-    ctx.minimum_version = ctx.maximum_version = version
-    if ciphers:
-        ctx.set_ciphers(ciphers)
-    with socket.create_connection(("127.0.0.1", d.tls_port), timeout=10) as s:
-        with ctx.wrap_socket(s, server_hostname="localhost") as tls:
-            return tls.version(), tls.cipher()[0]
-
 
 @pytest.mark.parametrize("ciphers", [
     "AES128-SHA:AES256-SHA",               # RSA key exchange, CBC
