@@ -264,21 +264,20 @@ def test_body_read_in_the_event_loop_leaves_nothing_behind(monkeypatch):
     b.close()
 
 
-def test_recv_stops_spinning_where_spins_find_no_data(monkeypatch):
-    # A client that sends each piece only after the reader has slept: every
-    # spin ends without data, so the reader soon stops spinning, and spins
-    # again only on one gap in Spin.PROBE_EVERY. The pieces come 20 ms
-    # apart and the spin is 5 ms: no spin can find one.
+def spin_receive(monkeypatch, spin_s, pieces, gap_s):
+    """
+    _recv_blocking with a Spin of `spin_s` while another thread sends
+    `pieces` bytes one at a time, `gap_s` apart: (the Spin, the poll sleeps).
+    """
     counting = CountingPoll(web._thread_poll)
     monkeypatch.setattr(web, "_thread_poll", counting)
-    spin = web.Spin(0.005)
-    pieces = 40
+    spin = web.Spin(spin_s)
     a, b = socket.socketpair()
     a.setblocking(False)
 
     def send():
         for _ in range(pieces):
-            time.sleep(0.02)
+            time.sleep(gap_s)
             b.sendall(b"x")
 
     with a, b:
@@ -287,7 +286,17 @@ def test_recv_stops_spinning_where_spins_find_no_data(monkeypatch):
         view = memoryview(bytearray(pieces))
         assert web._recv_blocking(a.fileno(), view, 10, None, spin) == pieces
         t.join()
-    assert counting.sleeps == pieces
+    return spin, counting.sleeps
+
+
+def test_recv_stops_spinning_where_spins_find_no_data(monkeypatch):
+    # A client that sends each piece only after the reader has slept: every
+    # spin ends without data, so the reader soon stops spinning, and spins
+    # again only on one gap in Spin.PROBE_EVERY. The pieces come 20 ms
+    # apart and the spin is 5 ms: no spin can find one.
+    pieces = 40
+    spin, sleeps = spin_receive(monkeypatch, 0.005, pieces, 0.02)
+    assert sleeps == pieces
     # Spins while the success rate is still >= 1/2 (1.0 * (7/8)**6 < 1/2),
     # then one probe in 16 gaps.
     assert spin.success < web.Spin.MIN_SUCCESS
@@ -297,24 +306,7 @@ def test_recv_stops_spinning_where_spins_find_no_data(monkeypatch):
 def test_recv_keeps_spinning_where_spins_find_data(monkeypatch):
     # Pieces 1 ms apart and a 1 s spin: every spin ends with data and the
     # reader never sleeps.
-    counting = CountingPoll(web._thread_poll)
-    monkeypatch.setattr(web, "_thread_poll", counting)
-    spin = web.Spin(1.0)
-    pieces = 40
-    a, b = socket.socketpair()
-    a.setblocking(False)
-
-    def send():
-        for _ in range(pieces):
-            time.sleep(0.001)
-            b.sendall(b"x")
-
-    with a, b:
-        t = threading.Thread(target=send)
-        t.start()
-        view = memoryview(bytearray(pieces))
-        assert web._recv_blocking(a.fileno(), view, 10, None, spin) == pieces
-        t.join()
-    assert counting.sleeps == 0
+    spin, sleeps = spin_receive(monkeypatch, 1.0, 40, 0.001)
+    assert sleeps == 0
     assert spin.success == 1.0
     assert spin.spins >= 1
