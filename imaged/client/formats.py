@@ -44,6 +44,18 @@ DOWNLOAD_FORMATS = ("raw", "qcow2")
 QEMU_NBD_START_TIMEOUT_S = 10.0
 QEMU_NBD_STOP_TIMEOUT_S = 10.0
 
+# glibc malloc settings for the qemu-nbd we start. qemu-nbd allocates a
+# new buffer for every NBD request and frees it after; glibc serves
+# 8 MiB from a new mmap() each time, or returns the freed heap top to the
+# kernel, so each request faulted in and zeroed 2,048 fresh pages: with a
+# 2 GiB qcow2 upload (one connection) qemu-nbd spent 1.5-1.7 s of CPU,
+# 0.5-0.6 s with buffers up to the 32 MiB NBD request limit kept on the
+# heap and a heap top kept up to 256 MiB (either setting alone: 1.2-1.4 s).
+# What it keeps stays bounded: 66 MiB of RSS after 300 reads of 8 MiB on
+# one connection (9 MiB without).
+QEMU_NBD_MALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024**2
+QEMU_NBD_MALLOC_TRIM_THRESHOLD_BYTES = 256 * 1024**2
+
 # Extents are asked in windows of this size: not every NBD server answers
 # a block status of 4 GiB or more.
 BLOCK_STATUS_STEP_BYTES = 1024**3
@@ -166,6 +178,18 @@ def _direct_io_works(path, readonly):
     return True
 
 
+def _qemu_nbd_env():
+    """Our environment, with the malloc settings for qemu-nbd (see above)."""
+    env = dict(os.environ)
+    tunables = (f"glibc.malloc.mmap_threshold={QEMU_NBD_MALLOC_MMAP_THRESHOLD_BYTES}:"
+                f"glibc.malloc.trim_threshold={QEMU_NBD_MALLOC_TRIM_THRESHOLD_BYTES}")
+    # The user's own tunables come last: they win.
+    if env.get("GLIBC_TUNABLES"):
+        tunables += ":" + env["GLIBC_TUNABLES"]
+    env["GLIBC_TUNABLES"] = tunables
+    return env
+
+
 class QemuNBD:
     """
     A qemu-nbd serving `path` (in `fmt`) on a unix socket in a private
@@ -200,7 +224,7 @@ class QemuNBD:
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL,
-                                         stderr=self._stderr)
+                                         stderr=self._stderr, env=_qemu_nbd_env())
         except BaseException:
             self._stderr.close()
             shutil.rmtree(self._dir, ignore_errors=True)

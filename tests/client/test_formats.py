@@ -186,3 +186,46 @@ def test_download_qcow2_on_backing_file(server, tmp_path):
     info = json.loads(qemu_img("info", "--output=json", out))
     assert info["backing-filename"] == base
     qemu_img("compare", "-f", "raw", "-F", "qcow2", img, out)
+
+
+
+def _minor_faults(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+@pytest.mark.parametrize("user_tunables,reused", [
+    (None, True),
+    # The user's own GLIBC_TUNABLES come after ours: they win.
+    ("glibc.malloc.mmap_threshold=131072", False)])
+def test_qemu_nbd_keeps_request_buffers(tmp_path, monkeypatch, user_tunables, reused):
+    # qemu-nbd allocates a buffer per NBD request: with our malloc settings
+    # (formats.QEMU_NBD_MALLOC_*) it reuses heap memory instead of faulting
+    # in fresh pages for every request (measured: 2,051 page faults per
+    # 8 MiB read without, ~860 with).
+    from imaged.client import formats
+    if user_tunables is None:
+        monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    else:
+        monkeypatch.setenv("GLIBC_TUNABLES", user_tunables)
+    request = 8 * MiB
+    src = str(tmp_path / "src.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", src, 4 * request)
+    qemu_io(src, "qcow2", f"write -P 0x41 0 {4 * request}")
+    with formats.QemuNBD(src, "qcow2") as server:
+        h = server.connect()
+        try:
+            for i in range(2):
+                h.pread(request, i * request)
+            before = _minor_faults(server.proc.pid)
+            reads = 12
+            for i in range(reads):
+                assert h.pread(request, (i % 4) * request) == b"\x41" * request
+            per_read = (_minor_faults(server.proc.pid) - before) / reads
+        finally:
+            formats.close_handle(h)
+    pages = request // os.sysconf("SC_PAGE_SIZE")
+    if reused:
+        assert per_read < 0.75 * pages
+    else:
+        assert per_read >= pages
