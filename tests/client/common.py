@@ -9,12 +9,15 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+
+import pytest
 
 from imaged.client.progress import Progress
 
@@ -114,6 +117,20 @@ def corrupt(path, offset, length=BLOCK):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# qemu-utils, for the tests of disk formats.
+
+needs_qemu_utils = pytest.mark.skipif(
+    shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None,
+    reason="needs qemu-utils (make sysdeps)")
+
+
+def qemu_img(*args):
+    """Run qemu-img with `args`; returns its stdout (it must succeed)."""
+    r = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 # The CLI.

@@ -6,26 +6,17 @@ top of a backing file when asked. Checked with qemu-img itself.
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
 
 from imaged import client
-from tests.client.common import (MiB, assert_one_line_error, fill_random, run_cli,
-                                 same_content)
+from tests.client.common import (MiB, assert_one_line_error, fill_random,
+                                 needs_qemu_utils, qemu_img, run_cli, same_content)
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None,
-    reason="needs qemu-utils (make sysdeps)")
+pytestmark = needs_qemu_utils
 
 SIZE = 24 * MiB
-
-
-def qemu_img(*args):
-    r = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 def qemu_io(path, fmt, *commands):

@@ -17,19 +17,12 @@ import uuid
 import pytest
 
 from imaged import client
-from tests.client.common import MiB, assert_one_line_error, run_cli
+from tests.client.common import (MiB, assert_one_line_error, needs_qemu_utils, qemu_img,
+                                 run_cli)
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None,
-    reason="needs qemu-utils (make sysdeps)")
+pytestmark = needs_qemu_utils
 
 SIZE = 64 * MiB
-
-
-def qemu_img(*args):
-    r = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 def qemu_io(path, *commands):
