@@ -72,6 +72,16 @@ class Runner:
         return result
 
 
+class _Ready:
+    """A result already there, in place of a pool call's AsyncResult."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def get(self):
+        return self._value
+
+
 def _wait_quietly(result):
     # A pool thread may still be using a buffer: wait before the buffer is
     # reused or released, whatever happened to the request.
@@ -115,7 +125,13 @@ def read(backend, runner, op, offset, length, buffers):
         backend.will_read(offset, length)
     if length:
         view = buffers[0][:min(chunk, length)]
-        pending = runner.submit(read_first, view), view
+        if getattr(backend, "cooperative", False):
+            # The first chunk is waited for at once, with nothing to
+            # overlap: a backend that waits by yielding to the event loop
+            # reads it here, without a hand-off to a pool thread and back.
+            pending = _Ready(read_first(view)), view
+        else:
+            pending = runner.submit(read_first, view), view
     pos, i = offset, 0
     try:
         while pending is not None:

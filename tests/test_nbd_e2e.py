@@ -440,6 +440,46 @@ def test_server_hangs(daemon, qemu_nbd, chain, tmp_path):
     assert r.status_code == 206
 
 
+def test_server_hangs_during_a_get(daemon, qemu_nbd, chain, tmp_path):
+    # The first chunk of a GET is read on the event loop (the NBD backend
+    # waits by yielding to it): with the NBD server stopped, that GET fails
+    # after the session's inactivity timeout, and the daemon serves other
+    # sessions while it waits.
+    server = qemu_nbd(chain[0])
+    sid = add_session(daemon, server.url(), CHAIN_SIZE,
+                      inactivity_timeout=NBD_TIMEOUT_S)
+    tr = Transport(daemon, "tcp")
+    s = tr.session()
+    assert s.get(tr.url(sid), headers={"Range": "bytes=0-9"}).status_code == 206
+    server.kill(signal.SIGSTOP)
+    result = {}
+
+    def get():
+        start = time.monotonic()
+        r = s.get(tr.url(sid), headers={"Range": f"bytes=0-{MiB - 1}"})
+        result.update(status=r.status_code, text=r.text,
+                      seconds=time.monotonic() - start)
+
+    t = threading.Thread(target=get)
+    t.start()
+    try:
+        wait_for(lambda: any(op["kind"] == "read" for op in
+                             progress(daemon, sid)["operations"]),
+                 message="the GET waiting for the NBD server")
+        start = time.monotonic()
+        assert_serving(daemon, tmp_path)
+        assert time.monotonic() - start < NBD_TIMEOUT_S
+        t.join(NBD_TIMEOUT_S + 10)
+        assert result["status"] == 500, result
+        assert f"within {NBD_TIMEOUT_S} s" in result["text"]
+        assert result["seconds"] < NBD_TIMEOUT_S + 5
+    finally:
+        server.kill(signal.SIGCONT)
+        t.join()
+    r = tr.session().get(tr.url(sid), headers={"Range": "bytes=0-9"})
+    assert r.status_code == 206
+
+
 # ovirt-imageio's client library.
 
 @needs_imageio

@@ -6,8 +6,12 @@ open_backend(), and is not safe for concurrent calls from several threads.
 Several backends of the same image may be used concurrently if they share
 the same `rmw_lock`.
 
-Every call blocks; the daemon runs them in a thread pool. Offsets and
-lengths are in bytes and may have any alignment.
+Every call blocks; the daemon runs them in a thread pool. A backend with
+`cooperative = True` also takes calls in a greenlet of the event loop's
+thread, where it waits by yielding to the loop instead of blocking it
+(NBD); the images service then makes the calls it would wait for at once
+there (imaged.ops.read). Offsets and lengths are in bytes and may have any
+alignment.
 
 Adding a backend
 ----------------

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import gevent
 import pytest
 
 from imaged import errors
@@ -362,6 +363,43 @@ def test_server_hangs(qemu_nbd, chain):
         # The stuck connection was dropped; a new one works.
         assert b.readinto(0, bytearray(10)) == 10
     finally:
+        b.close()
+
+
+def test_reads_on_the_event_loop(qemu_nbd, chain):
+    # In a greenlet of the thread running gevent's hub, a read waits by
+    # yielding to the loop: other greenlets run while it waits, the data is
+    # the same, and a stopped server still fails it after the timeout.
+    top, _, _ = chain
+    content = guest_bytes(top)
+    server = qemu_nbd(top)
+    b = open_nbd(server.url(), "r", timeout_s=0.5)
+    ticks = []
+
+    def ticker():
+        while True:
+            ticks.append(time.monotonic())
+            gevent.sleep(0.02)
+
+    t = gevent.spawn(ticker)
+    try:
+        assert gevent.spawn(read_all, b, CHAIN_SIZE).get() == content
+        server.kill(signal.SIGSTOP)
+        before = len(ticks)
+        start = time.monotonic()
+        with pytest.raises(errors.StorageError) as e:
+            gevent.spawn(b.readinto, 0, bytearray(MiB)).get()
+        assert 0.4 < time.monotonic() - start < 5
+        assert "within 0.5 s" in e.value.message
+        # The loop ran all along (a tick every 20 ms for 0.5 s).
+        assert len(ticks) - before >= 10
+        server.kill(signal.SIGCONT)
+        buf = bytearray(10)
+        assert gevent.spawn(b.readinto, 0, buf).get() == 10
+        assert buf == content[:10]
+    finally:
+        server.kill(signal.SIGCONT)
+        t.kill()
         b.close()
 
 
