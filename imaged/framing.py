@@ -32,6 +32,11 @@ _DIGITS = re.compile(r"^[0-9]{1,19}$")
 
 MAX_CONTENT_LENGTH = 2**63 - 1
 
+# Limits of a request head, as Python's http.client (which pywsgi used to
+# parse headers) has them: a header line of at most 64 KiB, 100 headers.
+MAX_HEADER_LINE_BYTES = 65536
+MAX_HEADERS = 100
+
 
 class FramingError(errors.Error):
     """
@@ -67,6 +72,77 @@ def parse_request_line(line):
     if m is None:
         raise FramingError("invalid request line")
     return m.groups()
+
+
+class Headers:
+    """
+    A request's header fields, in the order received, looked up by name
+    without regard to case. Takes the place of the email-parser message
+    pywsgi makes (the attributes it reads: get, getheader, headers,
+    typeheader, status). pywsgi parses heads with the email package:
+    29 us for imaged-client's 6-header GET head, against 8 us here
+    (timeit on the 2-core VM); it was the largest single item of imaged's
+    Python per request in a py-spy profile of 3,000 small GETs.
+    """
+
+    __slots__ = ("_items",)
+    # pywsgi reads these after parsing: a head we parsed has no status.
+    status = ""
+    defects = ()
+
+    def __init__(self, items):
+        self._items = items
+
+    def items(self):
+        """The (name, value) pairs, in the order received."""
+        return list(self._items)
+
+    def get_all(self, name, failobj=None):
+        """Every value of `name`, in order; `failobj` if there is none."""
+        name = name.lower()
+        values = [v for k, v in self._items if k.lower() == name]
+        return values or failobj
+
+    def get(self, name, default=None):
+        """The first value of `name`, or `default`."""
+        name = name.lower()
+        for k, v in self._items:
+            if k.lower() == name:
+                return v
+        return default
+
+    getheader = get
+
+    @property
+    def headers(self):
+        """The fields as header lines (pywsgi builds the WSGI environ from them)."""
+        return [f"{k}: {v}\r\n" for k, v in self._items]
+
+    @property
+    def typeheader(self):
+        return self.get("content-type")
+
+
+def parse_header_lines(lines):
+    """
+    Headers from the lines of a request head after the request line (str,
+    decoded as Latin-1, each without its line ending).
+
+    Raises FramingError for a line that is not `name: value` (an obsolete
+    folded continuation line is one: a server that joined it and one that
+    did not would see different headers) or for more than MAX_HEADERS
+    fields. Names and values are checked by check_headers().
+    """
+    if len(lines) > MAX_HEADERS:
+        raise FramingError("too many headers")
+    items = []
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or line[:1] in (" ", "\t"):
+            raise FramingError("invalid headers")
+        items.append((name, value.strip(" \t")))
+    check_headers(items)
+    return Headers(items)
 
 
 def check_headers(items):

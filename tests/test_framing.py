@@ -122,3 +122,36 @@ def test_invalid_headers(items):
 def test_valid_headers():
     framing.check_headers([("Host", "localhost:54322"), ("X-Tab", "a\tb"),
                            ("Content-Range", "bytes 0-3/*"), ("X-Latin", "caf\xe9")])
+
+
+def test_header_lines_parsed_in_order():
+    h = framing.parse_header_lines([
+        "Host: localhost:54322", "range:  bytes=0-3 ", "X-A: 1", "x-a: 2",
+        "Content-Type: application/json", "X-Empty:"])
+    assert h.items() == [("Host", "localhost:54322"), ("range", "bytes=0-3"),
+                         ("X-A", "1"), ("x-a", "2"),
+                         ("Content-Type", "application/json"), ("X-Empty", "")]
+    # Looked up without regard to case, as pywsgi and the framing do.
+    assert h.get("Range") == "bytes=0-3"
+    assert h.getheader("X-A") == "1"
+    assert h.get_all("X-A") == ["1", "2"]
+    assert h.get_all("Content-Length") is None
+    assert h.get("Missing", "d") == "d"
+    assert h.typeheader == "application/json"
+    assert h.headers[0] == "Host: localhost:54322\r\n"
+    assert not h.status and not h.defects
+
+
+@pytest.mark.parametrize("lines", [
+    ["Content-Length : 3"],             # White space before the colon.
+    ["X-A: a", " b"],                   # Obsolete line folding.
+    ["X-A: a", "\tb"],
+    ["NoColon"],
+    [": x"],
+    ["X-A: a\rb"],                      # A stray CR.
+    ["X-A: a\x00"],
+    [f"X-H{i}: 1" for i in range(framing.MAX_HEADERS + 1)],
+])
+def test_invalid_header_lines(lines):
+    with pytest.raises(FramingError):
+        framing.parse_header_lines(lines)

@@ -328,6 +328,11 @@ def handler_on(data, shut=True):
     (b"G" * (transport.MAX_REQUEST_LINE_BYTES + 10), 414),
     (b"GET /images/x HTTP/1.1\r\nHost: x\r\n\r\n", None),
     (b"GET /images/x HTTP/1.1\r\nHost", 400),         # EOF inside headers.
+    (b"GET /images/x HTTP/1.1\r\nHost: x\r\n", 400),  # EOF before the blank line.
+    (b"GET /images/x HTTP/1.1\r\nX-A: " + b"a" * 70000 + b"\r\n\r\n", 400),
+    (b"GET /images/x HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", 400),
+    (b"GET /images/x HTTP/1.1\r\nHost: x\r\nX-A: 1\r\r\n\r\n", 400),  # A stray CR.
+    (b"GET /images/x HTTP/1.1\nHost: x\nRange: bytes=0-1\n\n", None),  # Bare LF endings.
 ])
 def test_header_deadline_is_disarmed(data, status):
     h, a, b = handler_on(data)
@@ -335,6 +340,19 @@ def test_header_deadline_is_disarmed(data, status):
         result = h._read_head()
         assert (result and result[0]) == status
         assert not h._header_deadline.pending
+
+
+def test_head_is_parsed_into_headers():
+    h, a, b = handler_on(b"GET /images/x?flush=y HTTP/1.1\r\nHost: x\r\n"
+                         b"Range: bytes=0-1\r\nX-A: 1\r\nx-a: 2\r\n\r\n")
+    with a, b:
+        assert h._read_head() is None
+        assert h.headers.get("range") == "bytes=0-1"
+        assert h.headers.get_all("X-A") == ["1", "2"]
+        # pywsgi builds the WSGI environ from these.
+        fields = list(h._headers())
+        assert ("HTTP_RANGE", "bytes=0-1") in fields
+        assert [v for k, v in fields if k == "HTTP_X_A"] == ["1", "2"]
 
 
 def test_header_deadline_fires_and_is_disarmed():
