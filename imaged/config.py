@@ -38,6 +38,10 @@ CHECKSUM_BLOCKS_WINDOW_BYTES = 1024**3
 # int, and Python refuses larger ones ("timeout is too large").
 MAX_TIMEOUT_S = (2**31 - 1) // 1000
 
+# Sends smaller than this go to TLS without tls.write_buffer_bytes: below
+# four 16 KiB records a buffer saves few write() calls.
+TLS_WRITE_BUFFER_MIN_BYTES = 64 * KiB
+
 # Apps a listener can mount.
 APPS = ("images", "sessions", "progress", "metrics", "ui")
 LISTENER_KINDS = ("tls", "tcp", "unix")
@@ -58,6 +62,9 @@ DEFAULTS = {
         # OpenSSL reads ahead up to this much in one call (0: one record
         # at a time, two read() calls per 16 KiB record).
         "read_buffer_bytes": 256 * KiB,
+        # Large sends leave in writes of this much instead of one write()
+        # per 16 KiB record (0: a write per record).
+        "write_buffer_bytes": 256 * KiB,
     },
     "listeners": [],
     "images": {
@@ -117,6 +124,9 @@ DEFAULTS = {
         # the unix socket it reports in OPTIONS instead of TLS (as
         # ovirt-imageio's proxy does): no encryption on the second leg.
         "use_unix_socket": True,
+        # As tls.write_buffer_bytes, for request bodies sent to hosts over
+        # TLS (0: a write per 16 KiB record).
+        "write_buffer_bytes": 256 * KiB,
         # Connecting to a host (TCP and TLS handshake) must take less.
         "connect_timeout_s": 10.0,
         # A host that sends nothing for this long fails the request (502).
@@ -392,6 +402,8 @@ def _check_tls(tls, base_dir):
     # OpenSSL needs room for one whole record (16 KiB and its overhead).
     if tls["read_buffer_bytes"]:
         _int("tls.read_buffer_bytes", tls["read_buffer_bytes"], 32 * KiB, 16 * MiB)
+    if tls["write_buffer_bytes"]:
+        _int("tls.write_buffer_bytes", tls["write_buffer_bytes"], 32 * KiB, 16 * MiB)
     if tls["verify_clients"] and not tls["ca_file"]:
         raise ConfigError("tls.verify_clients: needs tls.ca_file to verify against")
 
@@ -444,6 +456,8 @@ def _check_server(server):
 def _check_proxy(proxy, base_dir):
     proxy["ca_file"] = _path("proxy.ca_file", proxy["ca_file"], base_dir, optional=True)
     _bool("proxy.use_unix_socket", proxy["use_unix_socket"])
+    if proxy["write_buffer_bytes"]:
+        _int("proxy.write_buffer_bytes", proxy["write_buffer_bytes"], 32 * KiB, 16 * MiB)
     _number("proxy.connect_timeout_s", proxy["connect_timeout_s"], 0.1, 3600)
     _number("proxy.timeout_s", proxy["timeout_s"], 0.1, 3600)
 

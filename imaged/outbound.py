@@ -19,11 +19,13 @@ OpenSSL then decrypts and encrypts with the GIL released.
 
 Bodies: a response body read into a large buffer is read straight into it
 in one loop (see _BodyReader); a request body is written from the caller's
-buffer in one sendall().
+buffer in one sendall(), over TLS through the write buffer of imaged.tls
+(records leave in large writes, not one write() per 16 KiB record).
 """
 
 import http.client
 import io
+import select
 import socket
 import ssl
 
@@ -31,18 +33,26 @@ import _ssl
 
 from gevent import monkey
 
+from . import config
+from . import tls as tls_settings
+
 # The real blocking classes, also when imaged has monkey patched the stdlib.
 _socket = monkey.get_original("socket", "socket")
 _getaddrinfo = monkey.get_original("socket", "getaddrinfo")
 _SSLContext = monkey.get_original("ssl", "SSLContext")
+_poll = monkey.get_original("select", "poll")
 
 # What callers catch, so that they need not import ssl or socket.
 CertificateError = ssl.SSLCertVerificationError
 Timeout = socket.timeout
 
 
-def tls_context(ca_file=None):
-    """A verifying TLS client context (TLS 1.2 minimum, host names checked)."""
+def tls_context(ca_file=None, write_buffer_bytes=0):
+    """
+    A verifying TLS client context (TLS 1.2 minimum, host names checked);
+    request bodies leave in writes of `write_buffer_bytes` (0: a write per
+    record; see imaged.tls.write_buffer).
+    """
     ctx = _SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     # The C setter: ssl.SSLContext's Python property looks the class up by
     # its module name, which is gevent's class once monkey patched (and
@@ -52,6 +62,8 @@ def tls_context(ca_file=None):
         ctx.load_verify_locations(ca_file)
     else:
         ctx.load_default_certs()
+    if write_buffer_bytes:
+        tls_settings.set_write_buffer(ctx, write_buffer_bytes)
     return ctx
 
 
@@ -144,11 +156,28 @@ class _TLSSocket:
         self._tls.do_handshake()
 
     def sendall(self, data):
-        write = self._tls.write
         with memoryview(data) as view, view.cast("B") as view:
-            while view:
-                count = write(view)
-                view = view[count:]
+            if len(view) < config.TLS_WRITE_BUFFER_MIN_BYTES:
+                self._write_all(view)
+            else:
+                with tls_settings.write_buffer(self._tls, self._wait_writable):
+                    self._write_all(view)
+
+    def _write_all(self, view):
+        write = self._tls.write
+        while view:
+            count = write(view)
+            view = view[count:]
+
+    def _wait_writable(self):
+        # The ssl module waits like this inside write(); flushing the write
+        # buffer happens outside it. Python keeps a socket with a timeout
+        # non-blocking underneath.
+        poller = _poll()
+        poller.register(self._sock.fileno(), select.POLLOUT)
+        timeout_s = self._sock.gettimeout()
+        if not poller.poll(None if timeout_s is None else timeout_s * 1000):
+            raise socket.timeout("timed out sending to the host")
 
     def send(self, data):
         return self._tls.write(data)

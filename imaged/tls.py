@@ -1,6 +1,6 @@
 """
 TLS for imaged's listeners: the key file check done at start, the server
-context, and the two OpenSSL settings Python's `ssl` module does not
+context, and the three OpenSSL settings Python's `ssl` module does not
 expose.
 
 The private key of the host is the daemon's identity: a key readable by
@@ -9,8 +9,8 @@ used.
 
 Every TLS choice of the server is made here: TLS 1.2 or later, AEAD
 suites with forward secrecy only, no compression. Two more settings are
-made for speed; both are measured in docs/benchmarks.md, both can be
-turned off in the config, and neither weakens anything:
+made for speed; all are measured in docs/benchmarks.md, all can be
+turned off in the config, and none weakens anything:
 
 - **AES-128-GCM first** (`tls.prefer_aes128_gcm`). Clients ask for
   TLS_AES_256_GCM_SHA384 first (curl, Python, browsers on machines with
@@ -31,23 +31,37 @@ turned off in the config, and neither weakens anything:
   OpenSSL's buffer is never waited for. Python releases the buffer of an
   idle connection (SSL_MODE_RELEASE_BUFFERS), so idle connections cost
   no more memory than before.
+- **Write buffer** (`tls.write_buffer_bytes`). OpenSSL hands each 16 KiB
+  record to the socket in its own write(): 131,072 calls for a 2 GiB
+  download. While a large piece of a response is sent (`write_buffer()`),
+  a buffering BIO of OpenSSL's own (BIO_f_buffer) sits between the TLS
+  connection and the socket, so records leave in 256 KiB writes (8,192
+  calls); it is flushed and taken away before the send returns, so no
+  byte waits in it and idle connections keep no buffer. Side by side with
+  curl over TLS 1.3, a server sending 2 GiB spent 0.46 s of system time
+  per transfer without it and 0.27 s with it (medians of 9, user time
+  equal at 0.85 s): the copy into the buffer costs less than the calls.
 
-Python's ssl module has no call for either (its set_ciphers() covers
-TLS 1.2 only, and it never sets read-ahead), so they are set on the
-context's SSL_CTX through ctypes, with libssl's own functions (no crypto
-here). Finding the SSL_CTX takes the layout of CPython's SSLContext
-object (the pointer right after the object header); it is checked by
-reading the context's options through both paths before anything is
-set, and where it does not match the two settings are skipped with a
-warning, never guessed.
+Python's ssl module has no call for any of them (its set_ciphers()
+covers TLS 1.2 only, it never sets read-ahead, and it cannot stack
+BIOs), so they are set on the context's SSL_CTX and the connection's SSL
+through ctypes, with libssl's own functions (no crypto here). Finding
+those pointers takes the layout of CPython's SSLContext object (the
+pointer right after the object header) and of its SSLSocket object (the
+socket, the SSL, the context); both are checked before anything is set
+(the context's options read through both paths; the SSLSocket's context
+pointer against the context object), and where they do not match the
+settings are skipped with a warning, never guessed.
 """
 
+import contextlib
 import ctypes
 import logging
 import os
 import ssl
 import stat
 import sys
+import weakref
 
 import _ssl
 
@@ -66,6 +80,16 @@ _SSL_CTRL_MODE = 33
 _SSL_CTRL_GET_READ_AHEAD = 40
 _SSL_CTRL_SET_READ_AHEAD = 41
 _SSL_MODE_RELEASE_BUFFERS = 0x10
+# From OpenSSL's bio.h.
+_BIO_CTRL_FLUSH = 11
+_BIO_C_SET_BUFF_SIZE = 117
+_BIO_FLAGS_SHOULD_RETRY = 0x08
+
+_POINTER_BYTES = ctypes.sizeof(ctypes.c_void_p)
+
+# Write buffer size per context (set_write_buffer); contexts are shared by
+# all the connections of a listener.
+_write_buffers = weakref.WeakKeyDictionary()
 
 
 class InsecureKey(OSError):
@@ -97,6 +121,8 @@ def server_context(tls):
         prefer_aes128_gcm(ctx)
     if tls.get("read_buffer_bytes"):
         set_read_ahead(ctx, tls["read_buffer_bytes"])
+    if tls.get("write_buffer_bytes"):
+        set_write_buffer(ctx, tls["write_buffer_bytes"])
     ctx.load_cert_chain(tls["cert_file"], tls["key_file"])
     if tls["ca_file"]:
         ctx.load_verify_locations(tls["ca_file"])
@@ -150,6 +176,68 @@ def read_ahead(ctx):
     return bool(lib and lib.SSL_CTX_ctrl(_ssl_ctx(ctx), _SSL_CTRL_GET_READ_AHEAD, 0, None))
 
 
+def set_write_buffer(ctx, buffer_bytes):
+    """
+    Let write_buffer() gather the records sent on connections of `ctx`
+    into writes of `buffer_bytes`. Returns True if it will.
+    """
+    if _libssl(ctx) is None:
+        return False
+    _write_buffers[ctx] = buffer_bytes
+    return True
+
+
+@contextlib.contextmanager
+def write_buffer(conn, wait_writable):
+    """
+    Within the block, records written to the TLS connection `conn` (the
+    C object an SSLSocket wraps, `sock._sslobj`) gather in a buffer and
+    leave in writes of the size set_write_buffer() gave its context;
+    anything else, the block runs as without it.
+
+    Leaving the block normally flushes the buffer, calling
+    `wait_writable()` whenever the socket is full (it raises to give up);
+    then the buffer is taken away, so nothing written after the block
+    can wait in it. Leaving by an exception drops what the buffer holds:
+    the connection failed mid-send and must be closed.
+    """
+    size = _write_buffers.get(conn.context, 0)
+    ssl_ptr = _ssl_of(conn) if size else None
+    buf = _lib.BIO_new(_lib.BIO_f_buffer()) if ssl_ptr else None
+    if not buf:
+        yield
+        return
+    if _lib.BIO_int_ctrl(buf, _BIO_C_SET_BUFF_SIZE, size, 1) != 1:
+        _lib.BIO_free(buf)
+        yield
+        return
+    sock_bio = _lib.SSL_get_wbio(ssl_ptr)
+    # SSL_set0_wbio() frees the BIO it replaces: the chain keeps its own
+    # reference to the socket BIO.
+    _lib.BIO_up_ref(sock_bio)
+    _lib.BIO_push(buf, sock_bio)
+    _lib.SSL_set0_wbio(ssl_ptr, buf)
+    try:
+        yield
+        while _lib.BIO_ctrl(buf, _BIO_CTRL_FLUSH, 0, None) != 1:
+            if not _lib.BIO_test_flags(buf, _BIO_FLAGS_SHOULD_RETRY):
+                raise BrokenPipeError("the TLS connection failed while sending")
+            wait_writable()
+    finally:
+        # OpenSSL stacks a buffer of its own on top only while it writes a
+        # handshake message, and takes it away once that is sent; if one
+        # is still there, the send failed midway and the connection is
+        # being dropped, so leave its BIOs to SSL_free().
+        if _lib.SSL_get_wbio(ssl_ptr) == buf:
+            _lib.BIO_pop(buf)                       # the reference is ours again
+            _lib.SSL_set0_wbio(ssl_ptr, sock_bio)   # frees buf
+
+
+def write_buffer_bytes(ctx):
+    """The write buffer set on `ctx`, 0 if none (for tests)."""
+    return _write_buffers.get(ctx, 0)
+
+
 _lib = None
 
 
@@ -182,6 +270,22 @@ def _load():
         lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.SSL_CTX_set_default_read_buffer_len.restype = None
         lib.SSL_CTX_set_default_read_buffer_len.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        p, i, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+        for name, restype, argtypes in [
+                ("SSL_get_SSL_CTX", p, [p]),
+                ("SSL_get_wbio", p, [p]),
+                ("SSL_set0_wbio", None, [p, p]),
+                ("BIO_f_buffer", p, []),
+                ("BIO_new", p, [p]),
+                ("BIO_free", i, [p]),
+                ("BIO_up_ref", i, [p]),
+                ("BIO_push", p, [p, p]),
+                ("BIO_pop", p, [p]),
+                ("BIO_ctrl", long, [p, i, long, p]),
+                ("BIO_int_ctrl", long, [p, i, long, i]),
+                ("BIO_test_flags", i, [p, i])]:
+            f = getattr(lib, name)
+            f.restype, f.argtypes = restype, argtypes
     except (OSError, AttributeError) as e:
         log.warning("OpenSSL tuning not available: %s", e)
         return False
@@ -191,3 +295,19 @@ def _load():
 def _ssl_ctx(ctx):
     # CPython's PySSLContext: the object header, then `SSL_CTX *ctx`.
     return ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+
+
+def _ssl_of(conn):
+    """The SSL of the connection `conn` (an _ssl._SSLSocket), or None."""
+    # CPython's PySSLSocket: the object header, then `PyObject *Socket`,
+    # `SSL *ssl` and `PySSLContext *ctx`. The context pointer is checked
+    # against the context object before the SSL is used.
+    base = id(conn) + object.__basicsize__
+    ctx = conn.context
+    if ctypes.c_void_p.from_address(base + 2 * _POINTER_BYTES).value != id(ctx):
+        log.warning("unexpected layout of ssl.SSLSocket; TLS write buffer skipped")
+        return None
+    ptr = ctypes.c_void_p.from_address(base + _POINTER_BYTES).value
+    if not ptr or _libssl(ctx) is None or _lib.SSL_get_SSL_CTX(ptr) != _ssl_ctx(ctx):
+        return None
+    return ptr

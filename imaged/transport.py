@@ -49,6 +49,7 @@ from gevent import pywsgi
 from . import config
 from . import errors
 from . import framing
+from . import tls
 
 log = logging.getLogger("transport")
 
@@ -532,20 +533,37 @@ def send_all(sock, data):
     gevent's sendall (a getsockopt() call among them).
     """
     view = memoryview(data).cast("B")
-    tls = isinstance(sock, gevent.ssl.SSLSocket)
+    if not isinstance(sock, gevent.ssl.SSLSocket):
+        _send_loop(sock, view, sock._sock.send)
+        return
+    conn = sock._sslobj
+    if conn is None:
+        raise BrokenPipeError("connection shut down while sending")
+    if len(view) < config.TLS_WRITE_BUFFER_MIN_BYTES:
+        _send_loop(sock, view, lambda piece: _write(sock, piece))
+        return
+    # A large piece: OpenSSL's records leave in large writes (tls.write_buffer).
+    # `conn` keeps OpenSSL's connection alive while its buffer is in place,
+    # also if abort() closes the socket meanwhile.
+    with tls.write_buffer(conn, lambda: _wait_for_room(sock)):
+        _send_loop(sock, view, lambda piece: _write(sock, piece))
+
+
+def _write(sock, piece):
+    # The C object, looked up for every write: None once abort() shut the
+    # connection down (gevent's send() would then write plain text).
+    conn = sock._sslobj
+    if conn is None:
+        raise BrokenPipeError("connection shut down while sending")
+    # OpenSSL writes records until the socket is full.
+    return conn.write(piece)
+
+
+def _send_loop(sock, view, send):
     sent = 0
     while sent < len(view):
         try:
-            if tls:
-                # The C object; None once abort() shut the connection down
-                # (gevent's send() would then write plain text).
-                conn = sock._sslobj
-                if conn is None:
-                    raise BrokenPipeError("connection shut down while sending")
-                # OpenSSL writes records until the socket is full.
-                sent += conn.write(view[sent:])
-            else:
-                sent += sock._sock.send(view[sent:])
+            sent += send(view[sent:])
         except (ssl.SSLWantWriteError, BlockingIOError):
             _wait_for_room(sock)
         except ssl.SSLWantReadError:

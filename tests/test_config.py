@@ -85,6 +85,10 @@ def test_bad_port_names_the_key_path():
      "logging.level: expected one of"),
     ({"listeners": [dict(UNIX_CONTROL)], "tls": {"verify_clients": True}},
      "tls.verify_clients: needs tls.ca_file"),
+    ({"listeners": [dict(UNIX_CONTROL)], "tls": {"write_buffer_bytes": 1000}},
+     "tls.write_buffer_bytes: expected an integer 32768-16777216, got 1000"),
+    ({"listeners": [dict(UNIX_CONTROL)], "proxy": {"write_buffer_bytes": 32 * 1024**2}},
+     "proxy.write_buffer_bytes: expected an integer 32768-16777216"),
     ({"listeners": [dict(UNIX_CONTROL)], "images": "big"},
      "images: expected a mapping"),
 ])

@@ -5,6 +5,7 @@ in this process and, as the daemon runs them, in a gevent pool thread of a
 monkey-patched process.
 """
 
+import hashlib
 import http.server
 import os
 import random
@@ -13,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -37,6 +39,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for i in range(0, len(data), 100_000):
             self.wfile.write(data[i:i + 100_000])
 
+    def do_PUT(self):
+        # Answers the body's sha256; "/slow" reads 64 KiB at a time, with a
+        # pause between reads, so that the sender finds its socket full.
+        slow = self.path == "/slow"
+        length = int(self.headers["Content-Length"])
+        digest = hashlib.sha256()
+        while length:
+            if slow:
+                time.sleep(0.005)
+            chunk = self.rfile.read(min(length, 64 * 1024 if slow else MiB))
+            assert chunk
+            digest.update(chunk)
+            length -= len(chunk)
+        answer = digest.hexdigest().encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
     def log_message(self, *args):
         pass
 
@@ -44,13 +65,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, family=socket.AF_INET, tls=None):
+    def __init__(self, address, family=socket.AF_INET, tls=None, rcvbuf=None):
         self.address_family = family
         self._tls = tls
+        self._rcvbuf = rcvbuf
         super().__init__(address, Handler)
 
     def get_request(self):
         sock, addr = super().get_request()
+        if self._rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
         if self._tls is not None:
             sock = self._tls.wrap_socket(sock, server_side=True)
         return sock, addr or ("local", 0)
@@ -60,12 +84,12 @@ class Server(http.server.ThreadingHTTPServer):
 def serve():
     servers = []
 
-    def start(address, family=socket.AF_INET, tls_files=None):
+    def start(address, family=socket.AF_INET, tls_files=None, rcvbuf=None):
         tls = None
         if tls_files:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls.load_cert_chain(*tls_files)
-        s = Server(address, family, tls)
+        s = Server(address, family, tls, rcvbuf)
         threading.Thread(target=s.serve_forever, daemon=True).start()
         servers.append(s)
         return s
@@ -107,6 +131,60 @@ def test_tls_body_fills_a_large_buffer_in_one_call(serve, tls_files):
         data, _ = get(con, "/small", bytearray(64))
         assert data == b"small"
         assert con.is_local()
+    finally:
+        con.close()
+
+
+def write_calls():
+    """write() calls of this process so far, all threads."""
+    with open("/proc/self/io") as f:
+        return int(dict(line.split(": ") for line in f.read().splitlines())["syscw"])
+
+
+def put(con, path, body):
+    con.request("PUT", path, body=body)
+    res = con.getresponse()
+    assert res.status == 200
+    return res.read().decode()
+
+
+@pytest.mark.parametrize("write_buffer_bytes", [256 * 1024, 0], ids=["write-buffer", "off"])
+def test_tls_body_writes(serve, tls_files, write_buffer_bytes):
+    s = serve(("127.0.0.1", 0), tls_files=tls_files)
+    body = random.Random(8).randbytes(8 * MiB)
+    con = outbound.connect_tcp("localhost", s.server_address[1],
+                               outbound.tls_context(tls_files[0], write_buffer_bytes))
+    try:
+        con.connect()
+        before = write_calls()
+        assert put(con, "/put", body) == hashlib.sha256(body).hexdigest()
+        writes = write_calls() - before
+        # The connection goes on: nothing stayed behind in a buffer.
+        assert put(con, "/put", b"tail") == hashlib.sha256(b"tail").hexdigest()
+    finally:
+        con.close()
+    records = len(body) // (16 * 1024)
+    print(f"{writes} write() calls for {records} TLS records")
+    if write_buffer_bytes:
+        assert writes < records // 8, writes
+    else:
+        assert writes >= records, writes
+
+
+@pytest.mark.parametrize("size", [900 * 1024, 4 * MiB + 123], ids=["in-buffer", "larger"])
+def test_tls_body_to_a_slow_reader(serve, tls_files, size):
+    # Small socket buffers and a server that reads slowly, so the socket is
+    # full when a write comes: a body smaller than the write buffer leaves
+    # only when it is flushed, and that must wait for room; a larger one
+    # waits in OpenSSL's writes too.
+    s = serve(("127.0.0.1", 0), tls_files=tls_files, rcvbuf=32 * 1024)
+    body = random.Random(9).randbytes(size)
+    con = outbound.connect_tcp("localhost", s.server_address[1],
+                               outbound.tls_context(tls_files[0], 1024 * 1024), timeout_s=20)
+    try:
+        con.connect()
+        con.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+        assert put(con, "/slow", body) == hashlib.sha256(body).hexdigest()
     finally:
         con.close()
 

@@ -1,13 +1,14 @@
 """
 imaged.tls: the server's suite preference (AES-128-GCM first, among the
-suites the system allows) and OpenSSL's read-ahead, against a real
-daemon over real TLS. The protocol policy and client certificates are in
+suites the system allows), OpenSSL's read-ahead and the write buffer,
+against a real daemon over real TLS. The protocol policy and client certificates are in
 test_tls_clients.py.
 """
 
 import os
 import socket
 import ssl
+import time
 
 import pytest
 
@@ -62,16 +63,28 @@ def test_server_context_settings(tls_files):
     cfg = dict(config.DEFAULTS["tls"], cert_file=tls_files[0], key_file=tls_files[1])
     ctx = tls.server_context(cfg)
     assert tls.read_ahead(ctx)
+    assert tls.write_buffer_bytes(ctx) == 256 * KiB
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
-    ctx = tls.server_context(dict(cfg, read_buffer_bytes=0, prefer_aes128_gcm=False))
+    ctx = tls.server_context(dict(cfg, read_buffer_bytes=0, prefer_aes128_gcm=False,
+                                  write_buffer_bytes=0))
     assert not tls.read_ahead(ctx)
+    assert tls.write_buffer_bytes(ctx) == 0
     assert ctx.get_ciphers()[0]["name"] == "TLS_AES_256_GCM_SHA384"
 
 
 def read_calls(pid):
     """read() calls the process made so far, all threads (/proc/PID/io)."""
+    return _io_counter(pid, "syscr")
+
+
+def write_calls(pid):
+    """write() calls the process made so far, all threads (/proc/PID/io)."""
+    return _io_counter(pid, "syscw")
+
+
+def _io_counter(pid, name):
     with open(f"/proc/{pid}/io") as f:
-        return int(dict(line.split(": ") for line in f.read().splitlines())["syscr"])
+        return int(dict(line.split(": ") for line in f.read().splitlines())[name])
 
 
 def put_then_get(d, image, data):
@@ -129,10 +142,44 @@ def test_upload_reads_and_pipelined_request(make_daemon, tmp_path, read_buffer_b
         assert reads >= 2 * records, reads
 
 
-def test_idle_connections_keep_no_read_buffer(make_daemon, tmp_path):
-    # Each connection uploads a little (so read-ahead filled its buffer),
-    # then stays open and idle: OpenSSL must have let go of the buffers.
-    d = make_daemon({"tls": {"read_buffer_bytes": 4 * MiB}})
+@pytest.mark.parametrize("write_buffer_bytes", [256 * KiB, 0], ids=["write-buffer", "off"])
+def test_download_writes(make_daemon, tmp_path, write_buffer_bytes):
+    d = make_daemon({"tls": {"write_buffer_bytes": write_buffer_bytes}})
+    size = 8 * MiB
+    data = os.urandom(size)
+    image = tmp_path / "image.raw"
+    image.write_bytes(data)
+    sid = d.add_session(image)
+    ctx = ssl.create_default_context(cafile=d.cert)
+    with socket.create_connection(("127.0.0.1", d.tls_port), timeout=30) as s:
+        with ctx.wrap_socket(s, server_hostname="localhost") as conn:
+            f = conn.makefile("rb")
+            got = []
+            before = write_calls(d.pid)
+            # Twice on one connection: nothing of the first answer may stay
+            # behind in a buffer, and the second is served the same way.
+            for _ in range(2):
+                conn.sendall(f"GET /images/{sid} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+                assert f.readline().startswith(b"HTTP/1.1 200")
+                while f.readline() != b"\r\n":
+                    pass
+                got.append(f.read(size))
+            writes = write_calls(d.pid) - before
+    assert got == [data, data]
+    records = 2 * size // RECORD_BYTES
+    print(f"{writes} write() calls for {records} TLS records")
+    if write_buffer_bytes:
+        # 16 records per write, and a few for the heads and the log.
+        assert writes < records // 8, writes
+    else:
+        assert writes >= records, writes
+
+
+def test_idle_connections_keep_no_buffer(make_daemon, tmp_path):
+    # Each connection uploads and downloads a little (so read-ahead and the
+    # write buffer were used), then stays open and idle: OpenSSL must have
+    # let go of the buffers.
+    d = make_daemon({"tls": {"read_buffer_bytes": 4 * MiB, "write_buffer_bytes": 4 * MiB}})
     image = tmp_path / "image.raw"
     image.write_bytes(b"\0" * MiB)
     sid = d.add_session(image)
@@ -151,7 +198,15 @@ def test_idle_connections_keep_no_read_buffer(make_daemon, tmp_path):
             conns.append(conn)
             conn.sendall(f"PUT /images/{sid} HTTP/1.1\r\nHost: localhost\r\n"
                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+            f = conn.makefile("rb")
+            assert f.readline().startswith(b"HTTP/1.1 200")
+            while f.readline() != b"\r\n":
+                pass
+            conn.sendall(f"GET /images/{sid} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+            assert f.readline().startswith(b"HTTP/1.1 200")
+            while f.readline() != b"\r\n":
+                pass
+            assert f.read(len(body)) == body
 
     try:
         upload(4)               # the daemon's own buffers, once
@@ -162,5 +217,35 @@ def test_idle_connections_keep_no_read_buffer(make_daemon, tmp_path):
         for conn in conns:
             conn.close()
     print(f"RSS grew {grown_mib:.1f} MiB with 20 idle connections")
-    # 20 kept 4 MiB buffers would be 80 MiB.
+    # 20 kept 4 MiB buffers would be 80 MiB, twice that with both kinds.
     assert grown_mib < 16, grown_mib
+
+
+def test_download_to_a_slow_reader(make_daemon, tmp_path):
+    # The daemon sends 8 MiB pieces, which fit in a 16 MiB write buffer
+    # whole and so leave only when it is flushed; the kernel takes at most
+    # 4 MiB (net.ipv4.tcp_wmem), and the client reads slowly through a
+    # small receive buffer, so the flush waits for room again and again.
+    d = make_daemon({"tls": {"write_buffer_bytes": 16 * MiB}})
+    data = os.urandom(10 * MiB)
+    image = tmp_path / "image.raw"
+    image.write_bytes(data)
+    sid = d.add_session(image)
+    ctx = ssl.create_default_context(cafile=d.cert)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * KiB)
+    s.settimeout(30)
+    s.connect(("127.0.0.1", d.tls_port))
+    with ctx.wrap_socket(s, server_hostname="localhost") as conn:
+        conn.sendall(f"GET /images/{sid} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        reply = b""
+        while len(reply) < len(data) or b"\r\n\r\n" not in reply:
+            chunk = conn.recv(64 * KiB)
+            assert chunk, reply[:200]
+            reply += chunk
+            time.sleep(0.001)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        while len(body) < len(data):
+            body += conn.recv(len(data) - len(body))
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body == data

@@ -109,12 +109,13 @@ class HttpBackend:
     def open(cls, url, mode, options):
         proxy = options.proxy or {}
         return cls(url, mode, ca_file=proxy.get("ca_file"),
+                   write_buffer_bytes=proxy.get("write_buffer_bytes", 0),
                    use_unix_socket=proxy.get("use_unix_socket", True),
                    connect_timeout_s=proxy.get("connect_timeout_s", 10.0),
                    timeout_s=proxy.get("timeout_s") or options.timeout_s or 60.0)
 
-    def __init__(self, url, mode="r", *, ca_file=None, use_unix_socket=True,
-                 connect_timeout_s=10.0, timeout_s=60.0):
+    def __init__(self, url, mode="r", *, ca_file=None, write_buffer_bytes=0,
+                 use_unix_socket=True, connect_timeout_s=10.0, timeout_s=60.0):
         if mode not in ("r", "rw"):
             raise errors.BadRequest(f"Invalid mode {mode!r}, expected 'r' or 'rw'")
         parsed = parse_url(url)
@@ -134,7 +135,8 @@ class HttpBackend:
         # will_write): [next offset, end offset].
         self._upload = None
         self._write_ahead = None
-        tls = outbound.tls_context(ca_file) if parsed.scheme == "https" else None
+        tls = (outbound.tls_context(ca_file, write_buffer_bytes)
+               if parsed.scheme == "https" else None)
         self._con = outbound.connect_tcp(parsed.hostname, port, tls, connect_timeout_s,
                                          timeout_s)
         try:
