@@ -146,6 +146,8 @@ class CountingPoll:
     def __init__(self, real):
         self.real = real
         self.sleeps = 0
+        # Set each time the reader goes to sleep.
+        self.slept = threading.Event()
 
     def __call__(self):
         poller = self.real()
@@ -157,6 +159,7 @@ class CountingPoll:
 
             def poll(self, timeout_ms):
                 counter.sleeps += 1
+                counter.slept.set()
                 return poller.poll(timeout_ms)
 
         return Poller()
@@ -264,10 +267,11 @@ def test_body_read_in_the_event_loop_leaves_nothing_behind(monkeypatch):
     b.close()
 
 
-def spin_receive(monkeypatch, spin_s, pieces, gap_s):
+def spin_receive(monkeypatch, spin_s, pieces, gap_s=None):
     """
     _recv_blocking with a Spin of `spin_s` while another thread sends
-    `pieces` bytes one at a time, `gap_s` apart: (the Spin, the poll sleeps).
+    `pieces` bytes one at a time, `gap_s` apart, or each only once the
+    reader has gone to sleep if `gap_s` is None: (the Spin, the poll sleeps).
     """
     counting = CountingPoll(web._thread_poll)
     monkeypatch.setattr(web, "_thread_poll", counting)
@@ -277,7 +281,11 @@ def spin_receive(monkeypatch, spin_s, pieces, gap_s):
 
     def send():
         for _ in range(pieces):
-            time.sleep(gap_s)
+            if gap_s is None:
+                assert counting.slept.wait(10)
+                counting.slept.clear()
+            else:
+                time.sleep(gap_s)
             b.sendall(b"x")
 
     with a, b:
@@ -292,10 +300,9 @@ def spin_receive(monkeypatch, spin_s, pieces, gap_s):
 def test_recv_stops_spinning_where_spins_find_no_data(monkeypatch):
     # A client that sends each piece only after the reader has slept: every
     # spin ends without data, so the reader soon stops spinning, and spins
-    # again only on one gap in Spin.PROBE_EVERY. The pieces come 20 ms
-    # apart and the spin is 5 ms: no spin can find one.
+    # again only on one gap in Spin.PROBE_EVERY.
     pieces = 40
-    spin, sleeps = spin_receive(monkeypatch, 0.005, pieces, 0.02)
+    spin, sleeps = spin_receive(monkeypatch, 0.005, pieces)
     assert sleeps == pieces
     # Spins while the success rate is still >= 1/2 (1.0 * (7/8)**6 < 1/2),
     # then one probe in 16 gaps.
