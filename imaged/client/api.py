@@ -227,6 +227,7 @@ class _LocalImage:
         self.path = path
         self.fd = _open_local(path, os.O_RDONLY)
         self.server = None
+        self._mappings = []
         self._readers = []
         try:
             self.format, virtual_size = formats.detect(path, fmt)
@@ -240,6 +241,12 @@ class _LocalImage:
                                           shared=connections + 2)
             self._meta = self.server.connect(["base:allocation"])
             self.size = self._meta.get_size()
+            # Where the guest data lies as it is in the file, it is read
+            # from the file itself (see formats.MappedReader).
+            self._mappings = formats.direct_map(path, self.format)
+            log.info("%s: %d bytes of guest data read straight from the file, "
+                     "the rest through qemu-nbd", path,
+                     sum(m.length for m in self._mappings))
         except BaseException:
             self.close()
             raise
@@ -262,6 +269,8 @@ class _LocalImage:
             return local.PaddedFileReader(self.fd, self.size)
         r = formats.NbdReader(self.server)
         self._readers.append(r)
+        if self._mappings:
+            return formats.MappedReader(self.fd, self._mappings, r)
         return r
 
     @classmethod

@@ -15,6 +15,7 @@ qemu-img) and libnbd's Python bindings (python3-libnbd); raw files need
 neither.
 """
 
+import bisect
 import json
 import logging
 import os
@@ -25,7 +26,10 @@ import subprocess
 import tempfile
 import time
 
+from typing import NamedTuple
+
 from . import errors
+from . import local
 from .images import Extent
 
 log = logging.getLogger("imaged.client")
@@ -188,6 +192,72 @@ def _qemu_nbd_env():
         tunables += ":" + env["GLIBC_TUNABLES"]
     env["GLIBC_TUNABLES"] = tunables
     return env
+
+
+class Mapping(NamedTuple):
+    """Guest bytes [start, start + length) lie at `offset` in the image file."""
+
+    start: int
+    length: int
+    offset: int
+
+
+def _map(path, fmt, human=False):
+    cmd = [_tool("qemu-img"), "map", "--force-share", "-f", fmt]
+    if not human:
+        cmd.append("--output=json")
+    r = subprocess.run(cmd + [path], stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        msg = r.stderr.strip().splitlines()
+        raise ValueError(msg[-1] if msg else "qemu-img map failed")
+    return r.stdout
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def direct_map(path, fmt):
+    """
+    Where the guest data of the image `path` (in `fmt`) lies as it is in
+    the file itself, from `qemu-img map`: the Mappings of its data at
+    depth 0 (not in a backing file) that have an offset (compressed and
+    encrypted clusters have none) into `path` itself. The JSON map has no
+    file name, and an offset may point into another file (a qcow2's
+    external data file, a vmdk's extent files): the human map names the
+    file of each range, and only ranges it names `path` for are used.
+    Empty on any doubt (the caller then reads everything through qemu-nbd).
+    """
+    path = os.path.abspath(path)
+    try:
+        entries = json.loads(_map(path, fmt))
+        # "Offset Length Mapped-to File" of the data ranges, with the same
+        # merged ranges as the JSON map; it fails on compressed, encrypted
+        # or external clusters.
+        files = {}
+        for line in _map(path, fmt, human=True).splitlines()[1:]:
+            start, length, offset, name = line.split(None, 3)
+            files[(int(start, 16), int(length, 16), int(offset, 16))] = name
+        mappings = []
+        for e in entries:
+            if e["depth"] != 0 or not e["data"] or e["zero"] or "offset" not in e:
+                continue
+            m = Mapping(int(e["start"]), int(e["length"]), int(e["offset"]))
+            name = files.get(m)
+            if name is None or not _same_file(name, path):
+                # Data of the image itself in another file (or a range the
+                # two maps disagree on): ranges of different files may
+                # have been merged, trust none.
+                raise ValueError(f"data at {m.start} is not in the image file")
+            mappings.append(m)
+    except (ValueError, KeyError, TypeError) as e:
+        log.debug("reading %s through qemu-nbd only: %s", path, e)
+        return []
+    return mappings
 
 
 class QemuNBD:
@@ -389,3 +459,65 @@ class NbdWriter:
 
     def close(self):
         close_handle(self.h)
+
+
+class MappedReader:
+    """
+    Reads of a non-raw image: the bytes that `mappings` (see direct_map)
+    place in the image file are read from the file `fd` itself (with
+    pread, through the page cache), the rest through qemu-nbd (`fallback`,
+    an NbdReader).
+
+    A 2 GiB qcow2 upload over the unix socket, one connection: read
+    through qemu-nbd it cost qemu-nbd 0.6 s and the client 1.2 s of CPU
+    (qemu-nbd copies every byte into the NBD socket and the client out of
+    it), read from the file 0.05 s and 1.1 s. Sending the mapped ranges
+    with sendfile() instead cost the client only 0.6 s but the daemon
+    1.1-1.9 s instead of 0.6-1.0 (it receives page-cache pages spliced
+    into the socket), and the upload was slower (2.4-2.9 against
+    3.5-3.6 GB/s of virtual size).
+    """
+
+    def __init__(self, fd, mappings, fallback):
+        self.fd = fd
+        self._mappings = mappings
+        self._starts = [m.start for m in mappings]
+        self._fallback = fallback
+
+    def spans(self, offset, length):
+        """
+        Yield (start, length, file offset or None) covering
+        [offset, offset + length) in order: None where the bytes must be
+        read through qemu-nbd.
+        """
+        end = offset + length
+        pos = offset
+        # The last mapping starting at or before pos (-1: none).
+        i = bisect.bisect_right(self._starts, pos) - 1
+        while pos < end:
+            if i >= 0:
+                m = self._mappings[i]
+                if pos < m.start + m.length:
+                    n = min(end, m.start + m.length) - pos
+                    yield pos, n, m.offset + (pos - m.start)
+                    pos += n
+                    continue
+            nxt = self._starts[i + 1] if i + 1 < len(self._starts) else end
+            if pos >= nxt:
+                i += 1
+                continue
+            n = min(end, nxt) - pos
+            yield pos, n, None
+            pos += n
+
+    def readinto(self, view, offset):
+        """Fill `view` with the image bytes at `offset`."""
+        for start, n, where in self.spans(offset, len(view)):
+            part = view[start - offset:start - offset + n]
+            if where is None:
+                self._fallback.readinto(part, start)
+            else:
+                local.pread_exactly(self.fd, part, where)
+
+    def close(self):
+        self._fallback.close()

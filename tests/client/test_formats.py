@@ -220,3 +220,115 @@ def test_qemu_nbd_keeps_request_buffers(tmp_path, monkeypatch, user_tunables, re
         assert per_read < 0.75 * pages
     else:
         assert per_read >= pages
+
+
+# Reading guest data straight from the image file (formats.direct_map).
+
+def _mapped_bytes_match(path, raw, mappings):
+    with open(path, "rb") as img, open(raw, "rb") as twin:
+        for m in mappings:
+            img.seek(m.offset)
+            twin.seek(m.start)
+            if img.read(m.length) != twin.read(m.length):
+                return False
+    return True
+
+
+def test_direct_map_points_into_the_file(tmp_path):
+    from imaged.client import formats
+    src, raw = make_image(tmp_path, "qcow2")
+    mappings = formats.direct_map(src, "qcow2")
+    # The data written by make_image: 3 MiB, 64 KiB and 1 MiB.
+    assert sum(m.length for m in mappings) == 3 * MiB + 64 * 1024 + MiB
+    assert _mapped_bytes_match(src, raw, mappings)
+
+
+def test_direct_map_of_a_backing_chain_is_the_top_only(tmp_path):
+    from imaged.client import formats
+    base, _ = make_image(tmp_path, "qcow2", name="base")
+    top = str(tmp_path / "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    qemu_io(top, "qcow2", "write -P 0x55 2M 1M")
+    raw = str(tmp_path / "top.raw")
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", top, raw)
+    mappings = formats.direct_map(top, "qcow2")
+    # The base's data is in the base file: not mapped into top's.
+    assert [(m.start, m.length) for m in mappings] == [(2 * MiB, MiB)]
+    assert _mapped_bytes_match(top, raw, mappings)
+
+
+def _compressed(tmp_path):
+    src, raw = make_image(tmp_path, "qcow2", name="plain")
+    path = str(tmp_path / "compressed.qcow2")
+    qemu_img("convert", "-c", "-f", "qcow2", "-O", "qcow2", src, path)
+    return path, raw
+
+
+def _external_data_file(tmp_path):
+    path = str(tmp_path / "external.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o",
+             f"data_file={tmp_path / 'external.data'}", path, SIZE)
+    qemu_io(path, "qcow2", "write -P 0x41 1M 3M", f"write -P 0x43 {SIZE - MiB} 1M")
+    raw = str(tmp_path / "external.raw")
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", path, raw)
+    return path, raw
+
+
+def _flat_vmdk(tmp_path):
+    path = str(tmp_path / "flat.vmdk")
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", path, SIZE)
+    qemu_io(path, "vmdk", "write -P 0x41 1M 3M")
+    raw = str(tmp_path / "flat.raw")
+    qemu_img("convert", "-f", "vmdk", "-O", "raw", path, raw)
+    return path, raw
+
+
+ELSEWHERE = {"compressed qcow2": ("qcow2", _compressed),
+             "qcow2 with an external data file": ("qcow2", _external_data_file),
+             "vmdk with a flat extent file": ("vmdk", _flat_vmdk)}
+
+
+@pytest.mark.parametrize("kind", list(ELSEWHERE))
+def test_direct_map_trusts_only_the_image_file(tmp_path, kind):
+    # Compressed clusters have no offset; an external data file or a vmdk
+    # extent file holds the data elsewhere: all of it goes through qemu-nbd.
+    from imaged.client import formats
+    fmt, make = ELSEWHERE[kind]
+    path, _ = make(tmp_path)
+    assert formats.direct_map(path, fmt) == []
+
+
+@pytest.mark.parametrize("kind", list(ELSEWHERE))
+def test_upload_data_not_in_the_image_file(server, tmp_path, kind):
+    fmt, make = ELSEWHERE[kind]
+    path, raw = make(tmp_path)
+    dst = garbage_image(tmp_path, os.path.getsize(raw))
+    sid = server.add_session(dst)
+    up = client.upload(path, server.tls_url + sid, cafile=server.cert, verify=True)
+    assert up.format == fmt
+    assert same_content(dst, raw)
+
+
+@pytest.mark.parametrize("unix_socket", [True, False], ids=["unix", "https"])
+@pytest.mark.parametrize("connections", [1, 3])
+def test_upload_reads_the_image_file(server, tmp_path, caplog, unix_socket, connections):
+    # Data of the image file is read from the file, a backing file's data
+    # and the rest through qemu-nbd. Small buffers: many pieces, requests
+    # crossing mapped and unmapped ranges.
+    base, _ = make_image(tmp_path, "qcow2", name="base")
+    top = str(tmp_path / "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    qemu_io(top, "qcow2", "write -P 0x55 512k 1M", "write -P 0x56 8M 2M",
+            "write -z 9M 64k")
+    raw = str(tmp_path / "top.raw")
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", top, raw)
+    dst = garbage_image(tmp_path)
+    sid = server.add_session(dst, sparse=True)
+    caplog.set_level("INFO", logger="imaged.client")
+    up = client.upload(top, server.tls_url + sid, cafile=server.cert,
+                       use_unix_socket=unix_socket, connections=connections,
+                       buffer_size=256 * 1024)
+    assert up.transport == ("unix" if unix_socket else "https")
+    assert same_content(dst, raw)
+    assert f"{3 * MiB - 64 * 1024} bytes of guest data read straight from the file" \
+        in caplog.text
