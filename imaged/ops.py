@@ -146,10 +146,10 @@ def read(backend, runner, op, offset, length, buffers):
             i = 1 - i
             if pos < end:
                 pending = submit(i, pos)
-            # The whole chunk at once: the transport's send loop bounds
-            # each wait for the client, not the whole send
-            # (transport.send_all).
-            yield view[:count]
+            # The whole chunk at once (count == len(view), checked above):
+            # the transport's send loop bounds each wait for the client,
+            # not the whole send (transport.send_all).
+            yield view
             op.progress(count)
     finally:
         if pending is not None:
