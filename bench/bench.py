@@ -558,36 +558,11 @@ class OvirtImageio(Server):
         self.control = os.path.join(run_dir, "control.sock")
         self.unix_socket = os.path.join(run_dir, "local.sock")
         with open(os.path.join(d, "conf.d", "50-bench.conf"), "w") as f:
-            f.write(f"""\
-# Written by bench/bench.py: defaults but for paths, port and privileges.
-[daemon]
-run_dir = {run_dir}
-drop_privileges = false
-systemd_enable = false
-
-[tls]
-enable = true
-key_file = {e.key}
-cert_file = {e.cert}
-
-[remote]
-host = 127.0.0.1
-port = {self.port}
-
-[local]
-enable = true
-socket = {self.unix_socket}
-
-[control]
-transport = unix
-socket = {self.control}
-
-[handlers]
-keys = logfile
-
-[handler_logfile]
-args = ("{os.path.join(e.out, self.role + '-imageio.log')}",)
-{self.extra_conf}""")
+            f.write("# Written by bench/bench.py.\n")
+            f.write(testing.ovirt_imageio_config(
+                run_dir, self.port, e.cert, e.key, self.unix_socket, self.control,
+                os.path.join(e.out, self.role + "-imageio.log")))
+            f.write(self.extra_conf)
         self.proc = e.procs.start(self.name, [exe, "--conf-dir", d],
                                   stdout=e.logfile(self.role + "-imageio.out"),
                                   stderr=subprocess.STDOUT)

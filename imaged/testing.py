@@ -90,6 +90,45 @@ def merge_listeners(listeners, by_name):
     return result
 
 
+def ovirt_imageio_config(run_dir, port, cert_file, key_file, local_socket,
+                         control_socket, log_file):
+    """
+    The text of a conf.d file for an ovirt-imageio daemon beside imaged
+    (tests and benchmarks): its defaults but for paths, port and
+    privileges; TLS on 127.0.0.1:`port`, its local unix socket, control
+    over a unix socket, its log into `log_file`.
+    """
+    return f"""\
+[daemon]
+run_dir = {run_dir}
+drop_privileges = false
+systemd_enable = false
+
+[tls]
+enable = true
+key_file = {key_file}
+cert_file = {cert_file}
+
+[remote]
+host = 127.0.0.1
+port = {port}
+
+[local]
+enable = true
+socket = {local_socket}
+
+[control]
+transport = unix
+socket = {control_socket}
+
+[handlers]
+keys = logfile
+
+[handler_logfile]
+args = ("{log_file}",)
+"""
+
+
 class DaemonError(Exception):
     """The daemon did not start or stop as expected; the message says why."""
 

@@ -17,6 +17,7 @@ import uuid
 
 import pytest
 
+from imaged import testing
 from tests.conftest import free_port
 
 MiB = 1024**2
@@ -56,35 +57,9 @@ def ovirt_host(tmp_path_factory, tls_files):
     conf = d / "conf.d"
     conf.mkdir()
     ctl = os.path.join(run_dir, "control.sock")
-    (conf / "50-test.conf").write_text(f"""\
-[daemon]
-run_dir = {run_dir}
-drop_privileges = false
-systemd_enable = false
-
-[tls]
-enable = true
-key_file = {tls_files[1]}
-cert_file = {tls_files[0]}
-
-[remote]
-host = 127.0.0.1
-port = {port}
-
-[local]
-enable = true
-socket = {os.path.join(run_dir, "local.sock")}
-
-[control]
-transport = unix
-socket = {ctl}
-
-[handlers]
-keys = logfile
-
-[handler_logfile]
-args = ("{d / 'ovirt-imageio.log'}",)
-""")
+    (conf / "50-test.conf").write_text(testing.ovirt_imageio_config(
+        run_dir, port, tls_files[0], tls_files[1], os.path.join(run_dir, "local.sock"),
+        ctl, d / "ovirt-imageio.log"))
     proc = subprocess.Popen([OVIRT_IMAGEIO, "--conf-dir", str(d)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
