@@ -441,11 +441,11 @@ class Images:
         """The block checksum of the session's image (see imaged.blkhash)."""
         log.debug("session %s: CHECKSUM algorithm=%s block_size=%d",
                   session.name, algorithm, block_size)
-        with self._hashing(session, client, 0, session.size, block_size) as (b, r, op, buf):
+        with self._hashing(session, client, 0, session.size, block_size) as (b, r, op, bufs):
             if hasattr(b, "checksum"):
                 # A proxied image: its host hashes its own disk.
                 return r.run(b.checksum, algorithm, block_size)
-            return ops.checksum(b, r, op, session.size, algorithm, block_size, buf)
+            return ops.checksum(b, r, op, session.size, algorithm, block_size, bufs[0])
 
     def checksum_blocks(self, session, client, algorithm, block_size, start, length=None):
         """
@@ -461,19 +461,23 @@ class Images:
         length = min(length, session.size - start, window)
         log.debug("session %s: CHECKSUM BLOCKS algorithm=%s block_size=%d start=%d "
                   "length=%d", session.name, algorithm, block_size, start, length)
-        with self._hashing(session, client, start, length, block_size) as (b, r, op, buf):
+        with self._hashing(session, client, start, length, block_size) as (b, r, op, bufs):
             if hasattr(b, "checksum_blocks"):
                 return r.run(b.checksum_blocks, algorithm, block_size, start, length)
             return ops.checksum_blocks(b, r, op, session.size, algorithm, block_size,
-                                       buf, start, length)
+                                       bufs, start, length)
 
     @contextlib.contextmanager
     def _hashing(self, session, client, start, length, block_size):
-        """A checksum operation: yields (backend, runner, op, buffer of a block)."""
+        """
+        A checksum operation: yields (backend, runner, op, buffers of a
+        block each): the connection's two transfer buffers, or one of its
+        own for blocks larger than those.
+        """
         with self.operation(session, "checksum", start, length, client) as (b, r, op):
             bufs = client.buffers()
             if block_size <= len(bufs[0]):
-                yield b, r, op, bufs[0]
+                yield b, r, op, bufs
                 return
             # Blocks larger than the transfer buffers get a buffer of their
             # own, for this request only.
@@ -482,7 +486,7 @@ class Images:
             client.release_buffers()
             with util.aligned_buffer(block_size) as mem:
                 with memoryview(mem) as buf:
-                    yield b, r, op, buf
+                    yield b, r, op, [buf]
 
 
 def _require(supported, what):

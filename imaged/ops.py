@@ -364,40 +364,88 @@ def _block_extents(backend, runner, size, start, end):
     return exts
 
 
-def block_digests(backend, runner, op, size, algorithm, block_size, buf,
+def block_digests(backend, runner, op, size, algorithm, block_size, bufs,
                   start=0, length=None):
     """
     Yield the raw digest of each block of [start, start + length) of the
     image of `size` bytes (see imaged.blkhash): the digests the checksum is
-    made of. `start` is a multiple of `block_size`.
+    made of. `start` is a multiple of `block_size`; `bufs` are buffers of
+    at least a block each.
 
     Zero extents get a precomputed digest and are never read; data blocks
-    that turn out to be all zeroes get the same digest.
+    that turn out to be all zeroes get the same digest. With two buffers
+    the next data block is read while the current one is hashed: hashing a
+    4 MiB block (sha256, 2.3 ms here) and reading it with O_DIRECT (2-4 ms)
+    took as long as each other, one after the other.
     """
     end = size if length is None else min(start + length, size)
     if start >= end:
         return
     exts = _block_extents(backend, runner, size, start, end)
-    for block_start, block_length, is_zero in blkhash.split(exts, block_size):
-        op.check()
-        if is_zero:
-            yield blkhash.zero_block_digest(block_length, algorithm)
-        else:
-            yield runner.run(_read_block_digest, backend, buf, algorithm,
-                             block_start, block_length)
-        op.progress(block_length)
+    # A window: at most config.CHECKSUM_BLOCKS_WINDOW_BYTES of the image.
+    blocks = list(blkhash.split(exts, block_size))
+    data = [b for b in blocks if not b.zero]
+    ahead = len(bufs) > 1
+    reads = {}
+
+    def read(j):
+        # The j-th data block, into buffer j % len(bufs).
+        if j < len(data):
+            b = data[j]
+            reads[j] = runner.submit(_read_block, backend, bufs[j % len(bufs)], b.start,
+                                     b.length)
+
+    try:
+        read(0)
+        j = 0
+        for block in blocks:
+            op.check()
+            if block.zero:
+                yield blkhash.zero_block_digest(block.length, algorithm)
+            else:
+                reads.pop(j).get()
+                if ahead:
+                    read(j + 1)
+                digest = runner.run(_block_digest, bufs[j % len(bufs)], block.length,
+                                    algorithm)
+                j += 1
+                if not ahead:
+                    read(j)
+                yield digest
+            op.progress(block.length)
+    finally:
+        # No read may outlive the request: its buffer goes back to the pool.
+        for pending in reads.values():
+            _wait_quietly(pending)
+
+
+# The pool calls below slice `buf` themselves and return no view of it: a
+# view made in the event loop and passed to a pool thread lives on with the
+# thread's last task, and a block's own buffer (larger than the transfer
+# buffers) could not be unmapped while it does ("cannot close exported
+# pointers exist").
+
+def _read_block(backend, buf, start, length):
+    """Read the block [start, start + length) into the start of `buf`."""
+    count = backend.readinto(start, buf[:length])
+    if count < length:
+        raise errors.StorageError(
+            f"image ends at {start + count}, before the session size")
+
+
+def _block_digest(buf, length, algorithm):
+    """The digest of the block in the first `length` bytes of `buf`."""
+    view = buf[:length]
+    # Comparing is much cheaper than hashing; the zero digest is cached.
+    if util.is_zero(view):
+        return blkhash.zero_block_digest(length, algorithm)
+    return blkhash.block_digest(view, algorithm)
 
 
 def _read_block_digest(backend, buf, algorithm, start, length):
     """The digest of the block [start, start + length), read into `buf`."""
-    view = buf[:length]
-    count = backend.readinto(start, view)
-    if count < length:
-        raise errors.StorageError(
-            f"image ends at {start + count}, before the session size")
-    if util.is_zero(view):
-        return blkhash.zero_block_digest(length, algorithm)
-    return blkhash.block_digest(view, algorithm)
+    _read_block(backend, buf, start, length)
+    return _block_digest(buf, length, algorithm)
 
 
 def checksum(backend, runner, op, size, algorithm, block_size, buf):
@@ -435,13 +483,13 @@ def checksum(backend, runner, op, size, algorithm, block_size, buf):
             "checksum": h.hexdigest()}
 
 
-def checksum_blocks(backend, runner, op, size, algorithm, block_size, buf,
+def checksum_blocks(backend, runner, op, size, algorithm, block_size, bufs,
                     start, length):
     """
     The hex digests of the blocks of [start, start + length), clipped to
     the image: {"algorithm", "block_size", "start", "blocks"}.
     """
     blocks = [d.hex() for d in block_digests(
-        backend, runner, op, size, algorithm, block_size, buf, start, length)]
+        backend, runner, op, size, algorithm, block_size, bufs, start, length)]
     return {"algorithm": algorithm, "block_size": block_size,
             "start": start, "blocks": blocks}

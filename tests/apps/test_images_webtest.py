@@ -804,6 +804,26 @@ def test_checksum_blocks_window(app, registry, blocks_image, algorithm):
     assert res.json["blocks"] == []
 
 
+@pytest.mark.parametrize("buffer_size", [64 * KiB, MiB, 4 * MiB])
+def test_checksum_blocks_any_buffer_size(registry, tmp_path, buffer_size):
+    # Blocks larger than the connection's buffers are read into a buffer of
+    # their own, one at a time; blocks that fit are read into its two
+    # buffers in turn, the next data block while the current one is hashed.
+    # Data blocks 0, 2, 3 and 5 of 1 MiB, holes between them.
+    path = str(tmp_path / "img.raw")
+    content = make_sparse(path, 6 * MiB + 100, [
+        (0, DATA), (2 * MiB + 7, DATA * 3), (3 * MiB, DATA), (5 * MiB + 9, DATA)])
+    cfg = config.validate({
+        "listeners": [{"name": "test", "kind": "tcp", "host": "127.0.0.1",
+                       "port": 0, "apps": ["images"]}],
+        "images": {"buffer_size_bytes": buffer_size}})
+    app = webtest.TestApp(images_app.make_app(registry, cfg, unix_socket=UNIX_SOCKET))
+    sid = add(registry, path)
+    res = app.get(f"/images/{sid}/checksum/blocks?algorithm=sha256&block_size={MiB}")
+    assert res.json["blocks"] == [_block_hex(content[i:i + MiB], "sha256")
+                                  for i in range(0, len(content), MiB)]
+
+
 def test_checksum_blocks_zero_blocks_not_read(app, registry, tmp_path):
     # The session is larger than the file: the part past the end has no
     # bytes to read (reading it fails), so its zero digests prove that zero
