@@ -6,6 +6,7 @@ move the second time.
 """
 
 import json
+import re
 import signal
 
 import pytest
@@ -156,3 +157,27 @@ def test_resume_needs_checksum_blocks(old_server, tmp_path):
     assert r.returncode == 1
     assert "--resume" in assert_one_line_error(r.stderr)
     assert old_server.requests == [("OPTIONS", "/images/old"), ("GET", "/images/old")]
+
+
+def test_resume_moves_while_comparing(server, tmp_path):
+    # The blocks the extents alone prove missing (data here, a hole there)
+    # move from the start, beside the comparisons, not after all of them:
+    # with one connection the daemon writes the missing half before it
+    # hashes the half in place.
+    src = str(tmp_path / "src.raw")
+    fill_random(src, SIZE, seed=15)
+    dst = str(tmp_path / "dst.raw")
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        g.truncate(SIZE)
+        g.write(f.read(SIZE // 2))
+    sid = server.add_session(dst)
+    before = len(server.log())
+    result = client.upload(src, server.tls_url + sid, cafile=server.cert, resume=True,
+                           connections=1)
+    assert same_content(src, dst)
+    assert result.skipped_bytes == result.data_bytes == SIZE // 2
+    log = server.log()[before:]
+    writes = [m.start() for m in re.finditer(r"WRITE offset=(\d+)", log)]
+    hashes = [m.start() for m in re.finditer(r"CHECKSUM BLOCKS ", log)]
+    assert writes and hashes
+    assert writes[0] < hashes[-1]

@@ -66,6 +66,22 @@ def test_resume_plan_sorts_blocks_by_both_sides_extents():
     assert plan.same_bytes == 8 and p.done == 8
 
 
+def test_resume_plan_interleaves_moves_and_comparisons():
+    # [0, 16) data on both sides (compare), [16, 32) data here and a hole
+    # there (fill), [32, 40) a hole here and data there (zero). The moves
+    # and the comparisons take turns by the bytes handed out (a zero window
+    # weighs nothing), each kind in offset order; one ends, the other goes on.
+    mine = [Extent(0, 32, False), Extent(32, 8, True)]
+    theirs = [Extent(0, 16, False), Extent(16, 16, True), Extent(32, 8, False)]
+    plan = resume.Plan(mine, theirs, 40, block_size=4, window_bytes=4,
+                       progress=RecordingProgress(), zero_step=4)
+    W, F, C, Z = resume.Window, resume.FILL, resume.COMPARE, resume.ZERO
+    assert list(plan) == [
+        W(16, 4, F), W(0, 4, C), W(20, 4, F), W(4, 4, C), W(24, 4, F), W(8, 4, C),
+        W(28, 4, F), W(12, 4, C), W(32, 4, Z), W(36, 4, Z)]
+    assert plan.same_bytes == 0
+
+
 def test_resume_plan_windows_are_bounded():
     mine = [Extent(0, 40, False)]
     plan = resume.Plan(mine, mine, 40, block_size=4, window_bytes=12,
