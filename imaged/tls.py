@@ -197,18 +197,15 @@ def write_buffer(conn, wait_writable):
 
     Leaving the block normally flushes the buffer, calling
     `wait_writable()` whenever the socket is full (it raises to give up);
-    then the buffer is taken away, so nothing written after the block
-    can wait in it. Leaving by an exception drops what the buffer holds:
-    the connection failed mid-send and must be closed.
+    then the buffer is taken away (kept empty for the next large send of
+    any connection), so nothing written after the block can wait in it.
+    Leaving by an exception drops what the buffer holds: the connection
+    failed mid-send and must be closed.
     """
     size = _write_buffers.get(conn.context, 0)
     ssl_ptr = _ssl_of(conn) if size else None
-    buf = _lib.BIO_new(_lib.BIO_f_buffer()) if ssl_ptr else None
+    buf = _take_buffer(size) if ssl_ptr else None
     if not buf:
-        yield
-        return
-    if _lib.BIO_int_ctrl(buf, _BIO_C_SET_BUFF_SIZE, size, 1) != 1:
-        _lib.BIO_free(buf)
         yield
         return
     sock_bio = _lib.SSL_get_wbio(ssl_ptr)
@@ -223,14 +220,55 @@ def write_buffer(conn, wait_writable):
             if not _lib.BIO_test_flags(buf, _BIO_FLAGS_SHOULD_RETRY):
                 raise BrokenPipeError("the TLS connection failed while sending")
             wait_writable()
-    finally:
-        # OpenSSL stacks a buffer of its own on top only while it writes a
-        # handshake message, and takes it away once that is sent; if one
-        # is still there, the send failed midway and the connection is
-        # being dropped, so leave its BIOs to SSL_free().
+        if _lib.SSL_get_wbio(ssl_ptr) != buf:
+            # OpenSSL stacked a buffer of its own on top for a handshake
+            # message and has not taken it away: the buffer cannot be
+            # removed safely, and a byte must never wait in it.
+            raise BrokenPipeError("TLS state changed while sending")
+    except BaseException:
+        # The connection failed midway: what the buffer holds is dropped
+        # with it, and the buffer is not reused.
         if _lib.SSL_get_wbio(ssl_ptr) == buf:
             _lib.BIO_pop(buf)                       # the reference is ours again
             _lib.SSL_set0_wbio(ssl_ptr, sock_bio)   # frees buf
+        # Else leave the BIOs to SSL_free(), with the connection.
+        raise
+    _lib.BIO_pop(buf)
+    _lib.BIO_up_ref(buf)                            # kept for the next send
+    _lib.SSL_set0_wbio(ssl_ptr, sock_bio)
+    _give_back_buffer(buf, size)
+
+
+# Flushed write buffers kept for the next large send, at most this much
+# memory (and always one): allocating and freeing 256 KiB per 8 MiB sent
+# cost ~3% of a download's CPU samples (py-spy; a fresh mapping from
+# malloc, faulted in, then unmapped).
+_IDLE_BUFFERS_MAX_BYTES = 2 * 1024**2
+_idle_buffers = []
+
+
+def _take_buffer(size):
+    """An empty buffering BIO of `size` bytes, or None."""
+    try:
+        buf_size, buf = _idle_buffers.pop()
+    except IndexError:
+        pass
+    else:
+        if buf_size == size:
+            return buf
+        _lib.BIO_free(buf)
+    buf = _lib.BIO_new(_lib.BIO_f_buffer())
+    if buf and _lib.BIO_int_ctrl(buf, _BIO_C_SET_BUFF_SIZE, size, 1) != 1:
+        _lib.BIO_free(buf)
+        buf = None
+    return buf
+
+
+def _give_back_buffer(buf, size):
+    if len(_idle_buffers) < max(1, _IDLE_BUFFERS_MAX_BYTES // size):
+        _idle_buffers.append((size, buf))
+    else:
+        _lib.BIO_free(buf)
 
 
 def write_buffer_bytes(ctx):
@@ -259,8 +297,12 @@ def _load():
         return False
     try:
         # The libssl that _ssl uses: symbols are looked up in _ssl and the
-        # libraries it links.
-        lib = ctypes.CDLL(_ssl.__file__)
+        # libraries it links. PyDLL: the calls keep the GIL. Each is short
+        # (the flush writes to a non-blocking socket), and with CDLL every
+        # call gave the GIL away and waited to get it back from the pool
+        # thread reading the next chunk: py-spy put ~4% of a download's
+        # samples on the dozen calls that set a write buffer up.
+        lib = ctypes.PyDLL(_ssl.__file__)
         lib.SSL_CTX_get_options.restype = ctypes.c_uint64
         lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
         lib.SSL_CTX_ctrl.restype = ctypes.c_long
