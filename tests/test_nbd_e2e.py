@@ -5,6 +5,7 @@ curl and ovirt-imageio's client library, and what happens when the NBD
 server is missing, dies or hangs.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -229,9 +230,7 @@ def test_one_writer_without_multi_conn(daemon, nbdkit, tmp_path):
     t = threading.Thread(target=put)
     t.start()
     try:
-        wait_for(lambda: any(op["kind"] == "write" for op in
-                             progress(daemon, sid)["operations"]),
-                 message="the first write running")
+        wait_for_operation(daemon, sid, "write", "the first write running")
         r = tr.session().put(tr.url(sid), data=b"\x02" * MiB,
                              headers={"Content-Range": f"bytes {MiB}-{2 * MiB - 1}/*"})
         assert r.status_code == 503
@@ -418,26 +417,42 @@ def test_server_killed_mid_put(daemon, qemu_nbd, tmp_path, transport):
     assert_serving(daemon, tmp_path)
 
 
-def test_server_hangs(daemon, qemu_nbd, chain, tmp_path):
+def wait_for_operation(daemon, sid, kind, message):
+    """Wait until the session has a running operation of `kind` (read, write...)."""
+    wait_for(lambda: any(op["kind"] == kind for op in progress(daemon, sid)["operations"]),
+             message=message)
+
+
+@contextlib.contextmanager
+def stopped_server(daemon, qemu_nbd, chain, transport):
+    """
+    A session on an NBD server that answers once, then stops (SIGSTOP)
+    for the block: yields (Transport, its requests session, session id).
+    Once the server answers again, the session must work again.
+    """
     server = qemu_nbd(chain[0])
     sid = add_session(daemon, server.url(), CHAIN_SIZE,
                       inactivity_timeout=NBD_TIMEOUT_S)
-    tr = Transport(daemon, "unix")
+    tr = Transport(daemon, transport)
     s = tr.session()
     assert s.get(tr.url(sid), headers={"Range": "bytes=0-9"}).status_code == 206
     server.kill(signal.SIGSTOP)
     try:
+        yield tr, s, sid
+    finally:
+        server.kill(signal.SIGCONT)
+    r = tr.session().get(tr.url(sid), headers={"Range": "bytes=0-9"})
+    assert r.status_code == 206
+
+
+def test_server_hangs(daemon, qemu_nbd, chain, tmp_path):
+    with stopped_server(daemon, qemu_nbd, chain, "unix") as (tr, s, sid):
         start = time.monotonic()
         r = s.patch(tr.url(sid), json={"op": "flush"})
         assert r.status_code == 500
         assert f"within {NBD_TIMEOUT_S} s" in r.text
         assert time.monotonic() - start < NBD_TIMEOUT_S + 5
         assert_serving(daemon, tmp_path)
-    finally:
-        server.kill(signal.SIGCONT)
-    # Once the server answers again, the session works again.
-    r = tr.session().get(tr.url(sid), headers={"Range": "bytes=0-9"})
-    assert r.status_code == 206
 
 
 def test_server_hangs_during_a_get(daemon, qemu_nbd, chain, tmp_path):
@@ -445,39 +460,27 @@ def test_server_hangs_during_a_get(daemon, qemu_nbd, chain, tmp_path):
     # waits by yielding to it): with the NBD server stopped, that GET fails
     # after the session's inactivity timeout, and the daemon serves other
     # sessions while it waits.
-    server = qemu_nbd(chain[0])
-    sid = add_session(daemon, server.url(), CHAIN_SIZE,
-                      inactivity_timeout=NBD_TIMEOUT_S)
-    tr = Transport(daemon, "tcp")
-    s = tr.session()
-    assert s.get(tr.url(sid), headers={"Range": "bytes=0-9"}).status_code == 206
-    server.kill(signal.SIGSTOP)
-    result = {}
+    with stopped_server(daemon, qemu_nbd, chain, "tcp") as (tr, s, sid):
+        result = {}
 
-    def get():
-        start = time.monotonic()
-        r = s.get(tr.url(sid), headers={"Range": f"bytes=0-{MiB - 1}"})
-        result.update(status=r.status_code, text=r.text,
-                      seconds=time.monotonic() - start)
+        def get():
+            start = time.monotonic()
+            r = s.get(tr.url(sid), headers={"Range": f"bytes=0-{MiB - 1}"})
+            result.update(status=r.status_code, text=r.text,
+                          seconds=time.monotonic() - start)
 
-    t = threading.Thread(target=get)
-    t.start()
-    try:
-        wait_for(lambda: any(op["kind"] == "read" for op in
-                             progress(daemon, sid)["operations"]),
-                 message="the GET waiting for the NBD server")
-        start = time.monotonic()
-        assert_serving(daemon, tmp_path)
-        assert time.monotonic() - start < NBD_TIMEOUT_S
-        t.join(NBD_TIMEOUT_S + 10)
+        t = threading.Thread(target=get)
+        t.start()
+        try:
+            wait_for_operation(daemon, sid, "read", "the GET waiting for the NBD server")
+            start = time.monotonic()
+            assert_serving(daemon, tmp_path)
+            assert time.monotonic() - start < NBD_TIMEOUT_S
+        finally:
+            t.join(NBD_TIMEOUT_S + 10)
         assert result["status"] == 500, result
         assert f"within {NBD_TIMEOUT_S} s" in result["text"]
         assert result["seconds"] < NBD_TIMEOUT_S + 5
-    finally:
-        server.kill(signal.SIGCONT)
-        t.join()
-    r = tr.session().get(tr.url(sid), headers={"Range": "bytes=0-9"})
-    assert r.status_code == 206
 
 
 # ovirt-imageio's client library.
