@@ -8,8 +8,8 @@ other users, or writable by anyone but its owner, is refused rather than
 used.
 
 Every TLS choice of the server is made here: TLS 1.2 or later, AEAD
-suites with forward secrecy only, no compression. Two more settings are
-made for speed; all are measured in docs/benchmarks.md, all can be
+suites with forward secrecy only, no compression. Three more settings
+are made for speed; all are measured in docs/benchmarks.md, all can be
 turned off in the config, and none weakens anything:
 
 - **AES-128-GCM first** (`tls.prefer_aes128_gcm`). Clients ask for
@@ -340,7 +340,11 @@ def _ssl_ctx(ctx):
 
 
 def _ssl_of(conn):
-    """The SSL of the connection `conn` (an _ssl._SSLSocket), or None."""
+    """
+    The SSL of the connection `conn` (an _ssl._SSLSocket), or None. Only
+    for connections of a context set_write_buffer() took: their context's
+    layout (and libssl) were checked there, once.
+    """
     # CPython's PySSLSocket: the object header, then `PyObject *Socket`,
     # `SSL *ssl` and `PySSLContext *ctx`. The context pointer is checked
     # against the context object before the SSL is used.
@@ -350,6 +354,6 @@ def _ssl_of(conn):
         log.warning("unexpected layout of ssl.SSLSocket; TLS write buffer skipped")
         return None
     ptr = ctypes.c_void_p.from_address(base + _POINTER_BYTES).value
-    if not ptr or _libssl(ctx) is None or _lib.SSL_get_SSL_CTX(ptr) != _ssl_ctx(ctx):
+    if not ptr or _lib.SSL_get_SSL_CTX(ptr) != _ssl_ctx(ctx):
         return None
     return ptr
