@@ -31,6 +31,7 @@ development venv).
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import select
@@ -536,17 +537,18 @@ def send_all(sock, data):
     if not isinstance(sock, gevent.ssl.SSLSocket):
         _send_loop(sock, view, sock._sock.send)
         return
-    conn = sock._sslobj
-    if conn is None:
-        raise BrokenPipeError("connection shut down while sending")
+    write = functools.partial(_write, sock)
     if len(view) < config.TLS_WRITE_BUFFER_MIN_BYTES:
-        _send_loop(sock, view, lambda piece: _write(sock, piece))
+        _send_loop(sock, view, write)
         return
     # A large piece: OpenSSL's records leave in large writes (tls.write_buffer).
     # `conn` keeps OpenSSL's connection alive while its buffer is in place,
     # also if abort() closes the socket meanwhile.
+    conn = sock._sslobj
+    if conn is None:
+        raise BrokenPipeError("connection shut down while sending")
     with tls.write_buffer(conn, lambda: _wait_for_room(sock)):
-        _send_loop(sock, view, lambda piece: _write(sock, piece))
+        _send_loop(sock, view, write)
 
 
 def _write(sock, piece):
