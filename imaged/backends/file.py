@@ -553,7 +553,6 @@ def _check_type(st_mode, path):
     return st_mode
 
 
-
 def _is_aligned(mv, align):
     """Return True if the memory of `mv` starts at a multiple of `align`."""
     try:
@@ -591,7 +590,6 @@ def _logical_block_size(fd):
         return struct.unpack("=i", result)[0]
     except OSError:
         return FILE_BLOCK_SIZE
-
 
 
 def _describe(e):

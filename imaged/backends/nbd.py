@@ -617,7 +617,6 @@ def _extent(start, length, flags, context):
     return Extent(start, length, zero, hole)
 
 
-
 def _describe(e):
     if isinstance(e, Timeout):
         return str(e)
