@@ -1,8 +1,8 @@
 """
 Helpers for the hardening tests (faults, hostile input, TLS clients): raw
-HTTP over sockets of a test daemon (tests.conftest.Daemon), polling, file
-digests, and scratch file systems (tmpfs, ext4 on a loop device,
-device-mapper) that are always taken down again.
+HTTP over sockets of a test daemon (tests.conftest.Daemon), polling,
+system call counts, file digests, and scratch file systems (tmpfs, ext4
+on a loop device, device-mapper) that are always taken down again.
 """
 
 import contextlib
@@ -19,6 +19,23 @@ import pytest
 
 # Shared with the images tests: sizes, the wait and polling with a deadline.
 from tests.images_helpers import KiB, MiB, WAIT_S, wait_for  # noqa: F401
+
+
+# System calls.
+
+def read_calls(pid):
+    """read() calls process `pid` ("self": this one) made so far, all threads."""
+    return _io_counter(pid, "syscr")
+
+
+def write_calls(pid):
+    """write() calls process `pid` ("self": this one) made so far, all threads."""
+    return _io_counter(pid, "syscw")
+
+
+def _io_counter(pid, name):
+    with open(f"/proc/{pid}/io") as f:
+        return int(dict(line.split(": ") for line in f.read().splitlines())[name])
 
 
 # Files.

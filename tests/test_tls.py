@@ -13,7 +13,7 @@ import time
 import pytest
 
 from imaged import config, tls
-from tests.hardening_helpers import KiB, handshake
+from tests.hardening_helpers import KiB, handshake, read_calls, write_calls
 
 MiB = 1024 * KiB
 RECORD_BYTES = 16 * KiB
@@ -70,21 +70,6 @@ def test_server_context_settings(tls_files):
     assert not tls.read_ahead(ctx)
     assert tls.write_buffer_bytes(ctx) == 0
     assert ctx.get_ciphers()[0]["name"] == "TLS_AES_256_GCM_SHA384"
-
-
-def read_calls(pid):
-    """read() calls the process made so far, all threads (/proc/PID/io)."""
-    return _io_counter(pid, "syscr")
-
-
-def write_calls(pid):
-    """write() calls the process made so far, all threads (/proc/PID/io)."""
-    return _io_counter(pid, "syscw")
-
-
-def _io_counter(pid, name):
-    with open(f"/proc/{pid}/io") as f:
-        return int(dict(line.split(": ") for line in f.read().splitlines())[name])
 
 
 def put_then_get(d, image, data):
