@@ -151,6 +151,7 @@ class Listener:
         handler = type("Handler", (transport.Handler,), {
             "idle_timeout_s": cfg["images"]["inactivity_timeout_s"],
             "header_timeout_s": cfg["server"]["header_timeout_s"],
+            "notsent_lowat_bytes": cfg["server"]["tcp_notsent_lowat_bytes"],
             "metrics": metrics})
         tls_args = {"ssl_context": ssl_context} if ssl_context else {}
         self.server = transport.Server(

@@ -621,6 +621,9 @@ class Handler(pywsgi.WSGIHandler):
     # Set per listener (see imaged.server.Listener).
     idle_timeout_s = None
     header_timeout_s = 30.0
+    # TCP_NOTSENT_LOWAT of TCP connections (config
+    # server.tcp_notsent_lowat_bytes); 0 or None: the kernel's default.
+    notsent_lowat_bytes = None
 
     # A small unread request body (an OPTIONS with a few bytes) is read and
     # dropped, keeping the connection; anything larger closes it.
@@ -648,6 +651,16 @@ class Handler(pywsgi.WSGIHandler):
             # The tail of a response must not wait for the client's delayed
             # ACK (Nagle): with one request per extent that cost ~20 ms each.
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.notsent_lowat_bytes:
+                # Unsent data beyond this waits in our buffers, not the
+                # kernel's: queued there, it would leave when the client's
+                # ACKs open its window, the kernel doing that work in the
+                # client's time (on loopback, in curl's recv()).
+                try:
+                    self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT,
+                                           self.notsent_lowat_bytes)
+                except OSError:
+                    pass    # An older kernel: more unsent data, same bytes.
         elif self.socket.family == socket.AF_UNIX:
             try:
                 self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,

@@ -89,6 +89,8 @@ def test_bad_port_names_the_key_path():
      "tls.write_buffer_bytes: expected an integer 32768-16777216, got 1000"),
     ({"listeners": [dict(UNIX_CONTROL)], "proxy": {"write_buffer_bytes": 32 * 1024**2}},
      "proxy.write_buffer_bytes: expected an integer 32768-16777216"),
+    ({"listeners": [dict(UNIX_CONTROL)], "server": {"tcp_notsent_lowat_bytes": 64 * 1024}},
+     "server.tcp_notsent_lowat_bytes: expected an integer 131072-67108864, got 65536"),
     ({"listeners": [dict(UNIX_CONTROL)], "images": "big"},
      "images: expected a mapping"),
 ])

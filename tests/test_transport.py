@@ -291,6 +291,53 @@ def test_slow_steady_client_gets_a_whole_chunk(make_daemon, tmp_path, kind):
     assert "no progress for too long" not in d.log()
 
 
+def kernel_queue_bytes(local_port, remote_port):
+    """Bytes a TCP socket holds unacknowledged or unsent (/proc/net/tcp tx_queue)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.read().splitlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if (int(local.split(":")[1], 16) == local_port
+                    and int(remote.split(":")[1], 16) == remote_port):
+                return int(fields[4].split(":")[0], 16)
+    return 0
+
+
+@pytest.mark.parametrize("kind", ["tls", "tcp"])
+@pytest.mark.parametrize("lowat", [128 * KiB, 0], ids=["lowat", "kernel-default"])
+def test_slow_client_unsent_data_stays_out_of_the_kernel(make_daemon, tmp_path, kind, lowat):
+    # server.tcp_notsent_lowat_bytes: toward a client reading slowly
+    # through a 64 KiB receive buffer, the daemon's socket holds about that
+    # much unsent data, not the megabytes the kernel would take.
+    d = make_daemon({"server": {"tcp_notsent_lowat_bytes": lowat}})
+    data = os.urandom(16 * MiB)
+    sid = d.add_session(sparse_file(tmp_path / "big.raw", len(data), [(0, data)]))
+    server_port = d.tls_port if kind == "tls" else d.tcp_port
+    peak = 0
+    got = bytearray()
+    with connect(d, kind, rcvbuf=64 * KiB) as sock:
+        sock.sendall(f"GET /images/{sid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        client_port = sock.getsockname()[1]
+        for _ in range(40):
+            got += sock.recv(16 * KiB)
+            time.sleep(0.01)
+            peak = max(peak, kernel_queue_bytes(server_port, client_port))
+        while len(got.partition(b"\r\n\r\n")[2]) < len(data):
+            piece = sock.recv(MiB)
+            assert piece, len(got)
+            got += piece
+    head, _, body = bytes(got).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert body == data
+    print(f"peak {peak} bytes queued in the kernel")
+    if lowat:
+        # The low-water mark, plus what one write may add past it (a
+        # loopback segment) and what is in flight.
+        assert peak < lowat + 256 * KiB, peak
+    else:
+        assert peak > MiB, peak
+
+
 @pytest.mark.slow
 def test_slow_steady_client_outlasts_a_full_send_buffer(make_daemon, tmp_path):
     # 400 KiB/s: the kernel frees room in the server's (autotuned, up to 4
