@@ -35,6 +35,9 @@ def test_bench_smoke(tmp_path):
                      p.stdout)
     assert "Resume row: an upload of" in p.stdout
     assert "Machine limits" in p.stdout
+    # Issue 19's targets on server CPU per byte, with imaged's and the peer's.
+    assert re.search(r"HTTPS PUT flush \(curl\): server CPU ≤ 0.85× ovirt-imageio's: "
+                     r"(\d+\.\d+× \(\d+\.\d+ / \d+\.\d+ s\)|not measured)", p.stdout)
     assert re.search(r"into huge pages \(as imaged reads\) \d+\.\d+ / \d+\.\d+ GB/s",
                      p.stdout)
     # The proxy rows: imaged as a proxy in front of imaged.
