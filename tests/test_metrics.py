@@ -211,7 +211,8 @@ def test_refused_extents_log_their_result(daemon, image):
     assert s.get(daemon.tls_url + sid + "/extents?context=dirty").status_code == 404
     assert s.get(daemon.tls_url + sid + "/extents").status_code == 200
     s.close()
+    # Each line is logged once its answer is sent: wait for both.
     assert wait_for(lambda: re.search(r"EXTENTS t-ext .* result=error", daemon.log()))
-    assert re.search(r"EXTENTS t-ext .* result=ok", daemon.log())
+    assert wait_for(lambda: re.search(r"EXTENTS t-ext .* result=ok", daemon.log()))
     assert value(scrape(daemon), "imaged_operations_total", op="extents",
                  result="error") == 1
