@@ -1731,28 +1731,26 @@ def markdown(head, rows):
 def targets_report(cases, servers, idle, smoke):
     by_key = {c.key: c for c in cases}
     lines = []
+
+    def ratio(key, peer, attr):
+        """(row title, imaged's median / peer's, both medians) or a None ratio."""
+        c = by_key.get(key)
+        mine = c and median(c.samples.get("imaged", []), attr)
+        theirs = c and median(c.samples.get(peer, []), attr)
+        title = c.title if c else key
+        return title, (mine / theirs if mine and theirs else None), mine, theirs
+
     for key, peer, want in TARGETS:
-        c = by_key.get(key)
-        med_i = c and median(c.samples.get("imaged", []), "gbps")
-        med_p = c and median(c.samples.get(peer, []), "gbps")
-        title = c.title if c else key
-        if not (med_i and med_p):
-            lines.append(f"- {title} ≥ {want}× {peer}: not measured")
-            continue
-        r = med_i / med_p
-        lines.append(f"- {title} ≥ {want}× {peer}: {r:.2f}× — "
-                     f"{'met' if r >= want else 'MISSED'}")
+        title, r, _, _ = ratio(key, peer, "gbps")
+        goal = f"- {title} ≥ {want}× {peer}"
+        lines.append(f"{goal}: not measured" if r is None else
+                     f"{goal}: {r:.2f}× — {'met' if r >= want else 'MISSED'}")
     for key, peer, most in CPU_TARGETS:
-        c = by_key.get(key)
-        cpu_i = c and median(c.samples.get("imaged", []), "cpu")
-        cpu_p = c and median(c.samples.get(peer, []), "cpu")
-        title = c.title if c else key
-        if not (cpu_i and cpu_p):
-            lines.append(f"- {title}: server CPU ≤ {most}× {peer}'s: not measured")
-            continue
-        r = cpu_i / cpu_p
-        lines.append(f"- {title}: server CPU ≤ {most}× {peer}'s: {r:.2f}× "
-                     f"({cpu_i:.2f} / {cpu_p:.2f} s) — {'met' if r <= most else 'MISSED'}")
+        title, r, mine, theirs = ratio(key, peer, "cpu")
+        goal = f"- {title}: server CPU ≤ {most}× {peer}'s"
+        lines.append(f"{goal}: not measured" if r is None else
+                     f"{goal}: {r:.2f}× ({mine:.2f} / {theirs:.2f} s) — "
+                     f"{'met' if r <= most else 'MISSED'}")
     peaks = [t.peak for c in cases for t in c.samples.get("imaged", [])]
     if peaks:
         p = max(peaks)
