@@ -120,6 +120,7 @@ def read(backend, runner, op, offset, length, buffers):
         return backend.readinto(offset, view)
 
     pending = None
+    read_ahead = getattr(backend, "read_ahead", None)
     if length and hasattr(backend, "will_read"):
         # A proxied image asks its host for the whole range at once.
         backend.will_read(offset, length)
@@ -146,6 +147,11 @@ def read(backend, runner, op, offset, length, buffers):
             i = 1 - i
             if pos < end:
                 pending = submit(i, pos)
+            elif read_ahead is not None:
+                # The backend may read what the client is likely to ask
+                # for next while this chunk is sent (an NBD backend: the
+                # next data extent; see imaged.backends.nbd).
+                read_ahead(end)
             # The whole chunk at once (count == len(view), checked above):
             # the transport's send loop bounds each wait for the client,
             # not the whole send (transport.send_all).

@@ -417,6 +417,45 @@ def test_server_killed_mid_put(daemon, qemu_nbd, tmp_path, transport):
     assert_serving(daemon, tmp_path)
 
 
+def test_sparse_download_read_only_export(daemon, qemu_nbd, tmp_path):
+    # A client reading data extent after extent on one connection, as
+    # imaged-client and ovirt-imageio's client do: on a read-only export
+    # the daemon reads the next extent ahead (imaged.backends.nbd). Every
+    # range is byte-exact, in order or not; with the server killed after
+    # a read-ahead was sent, the next GET fails at once with a message.
+    path = str(tmp_path / "sparse.qcow2")
+    size = 64 * MiB
+    writes = [(i * 5 * MiB + (i % 3) * 64 * KiB, (1 + i * 7 % 40) * 64 * KiB, 0x10 + i)
+              for i in range(12)]
+    make_qcow2(path, size, writes)
+    content = guest_bytes(path)
+    server = qemu_nbd(path, read_only=True)
+    sid = add_session(daemon, server.url(), size, ops=["read"])
+    tr = Transport(daemon, "tcp")
+    s = tr.session()
+    data = [e for e in extents(tr, sid) if not e["zero"]]
+    assert len(data) == len(writes)
+
+    def get(start, length):
+        r = s.get(tr.url(sid), headers={"Range": f"bytes={start}-{start + length - 1}"})
+        assert r.status_code == 206, r.text
+        assert r.content == content[start:start + length]
+
+    for e in data:
+        get(e["start"], e["length"])
+    # Not the range read ahead: the last extent, the first, half of one.
+    get(data[-1]["start"], data[-1]["length"])
+    get(data[0]["start"], data[0]["length"])
+    get(data[3]["start"] + 4096, data[3]["length"] // 2)
+    server.kill(signal.SIGKILL)
+    server.proc.wait()
+    start = time.monotonic()
+    r = s.get(tr.url(sid), headers={"Range": f"bytes={data[4]['start']}-{data[4]['start'] + 99}"})
+    assert r.status_code == 500 and "NBD" in r.text
+    assert time.monotonic() - start < 5
+    assert_serving(daemon, tmp_path)
+
+
 def wait_for_operation(daemon, sid, kind, message):
     """Wait until the session has a running operation of `kind` (read, write...)."""
     wait_for(lambda: any(op["kind"] == kind for op in progress(daemon, sid)["operations"]),

@@ -425,3 +425,132 @@ def test_pipelined_requests(qemu_nbd, chain, monkeypatch):
         buf = bytearray(3 * MiB)
         b.readinto(100, buf)
         assert buf == data
+
+
+# Read-ahead: on a read-only export, called on the event loop, the next
+# data extent is read while the caller does other things.
+
+def on_loop(fn, *args):
+    """Call fn(*args) in a greenlet of the event loop, as the service does."""
+    return gevent.spawn(fn, *args).get()
+
+
+@pytest.fixture
+def ahead_buffers(monkeypatch):
+    """One read-ahead buffer of 256 KiB for the whole test (as the daemon's)."""
+    pool = nbd_backend._AheadBuffers(1, 256 * KiB)
+    monkeypatch.setattr(nbd_backend, "_ahead_buffers", pool)
+    return pool
+
+
+def test_read_ahead(qemu_nbd, chain, ahead_buffers):
+    top, _, _ = chain
+    content = guest_bytes(top)
+    server = qemu_nbd(top, read_only=True)
+    b = open_nbd(server.url(), "r")
+    other = open_nbd(server.url(), "r")
+    try:
+        # After [64 KiB, 2 MiB) the next data is at 4 MiB (CHAIN_EXTENTS):
+        # its first 256 KiB (the buffer) are read ahead.
+        on_loop(b.read_ahead, 2 * MiB)
+        assert b._ahead[:2] == (4 * MiB, 256 * KiB)
+        # The daemon's only buffer is taken: no read-ahead for another.
+        on_loop(other.read_ahead, 2 * MiB)
+        assert other._ahead is None
+        # A read of the whole extent: the read-ahead, then the rest.
+        buf = bytearray(MiB)
+        assert on_loop(b.readinto, 4 * MiB, buf) == MiB
+        assert buf == content[4 * MiB:5 * MiB]
+        assert b._ahead is None and len(ahead_buffers._free) == 1
+        # Inside a data extent, the read-ahead starts where the read ended.
+        on_loop(b.read_ahead, 4 * MiB + 100)
+        assert b._ahead[:2] == (4 * MiB + 100, 256 * KiB)
+        buf = bytearray(10)
+        assert on_loop(b.readinto, 4 * MiB + 100, buf) == 10
+        assert buf == content[4 * MiB + 100:4 * MiB + 110]
+        # Nothing after 5 MiB but holes: nothing to read ahead.
+        on_loop(b.read_ahead, 5 * MiB)
+        assert b._ahead is None and len(ahead_buffers._free) == 1
+    finally:
+        b.close()
+        other.close()
+
+
+def test_read_ahead_not_asked_for(qemu_nbd, chain, ahead_buffers):
+    # A read elsewhere, extents, or closing take the read-ahead in and
+    # give its buffer back; the data read is the data asked for.
+    top, _, _ = chain
+    content = guest_bytes(top)
+    b = open_nbd(qemu_nbd(top, read_only=True).url(), "r")
+    try:
+        on_loop(b.read_ahead, 0)
+        assert b._ahead[:2] == (64 * KiB, 256 * KiB)
+        buf = bytearray(100 * KiB)
+        assert on_loop(b.readinto, 64 * KiB + 1, buf) == len(buf)
+        assert buf == content[64 * KiB + 1:164 * KiB + 1]
+        assert b._ahead is None and len(ahead_buffers._free) == 1
+        on_loop(b.read_ahead, 0)
+        assert as_tuples(on_loop(lambda: list(b.extents()))) == CHAIN_EXTENTS
+        assert b._ahead is None
+        on_loop(b.read_ahead, 0)
+    finally:
+        b.close()
+    assert b._ahead is None and len(ahead_buffers._free) == 1
+
+
+def test_no_read_ahead(qemu_nbd, chain, ahead_buffers):
+    # A writable export can change between two requests: no read-ahead;
+    # nor off the event loop (a pool thread cannot leave reads in flight
+    # for the loop to take in).
+    top, _, _ = chain
+    server = qemu_nbd(top)
+    with open_nbd(server.url(), "r") as b:
+        on_loop(b.read_ahead, 0)
+        assert b._ahead is None
+    server.stop()   # It holds the image's write lock.
+    with open_nbd(qemu_nbd(top, read_only=True).url(), "r") as b:
+        gevent.get_hub().threadpool.apply(b.read_ahead, (0,))
+        assert b._ahead is None
+    assert len(ahead_buffers._free) <= 1
+
+
+def test_read_ahead_server_killed(qemu_nbd, chain, ahead_buffers):
+    top, _, _ = chain
+    server = qemu_nbd(top, read_only=True)
+    b = open_nbd(server.url(), "r", timeout_s=2)
+    try:
+        on_loop(b.read_ahead, 0)
+        server.kill(signal.SIGKILL)
+        server.proc.wait()
+        start = time.monotonic()
+        with pytest.raises(errors.StorageError):
+            on_loop(b.readinto, 64 * KiB, bytearray(MiB))
+        assert time.monotonic() - start < 2
+        assert b._ahead is None and len(ahead_buffers._free) == 1
+    finally:
+        b.close()
+
+
+def test_read_ahead_server_hangs(qemu_nbd, chain, ahead_buffers):
+    # The read-ahead's reads time out, then the read's own connecting:
+    # the read fails within two timeouts, and works once the server does.
+    top, _, _ = chain
+    content = guest_bytes(top)
+    server = qemu_nbd(top, read_only=True)
+    b = open_nbd(server.url(), "r", timeout_s=0.5)
+    try:
+        server.kill(signal.SIGSTOP)
+        on_loop(b.read_ahead, 4 * MiB + 512 * KiB)
+        start = time.monotonic()
+        with pytest.raises(errors.StorageError) as e:
+            on_loop(b.readinto, 4 * MiB + 512 * KiB, bytearray(MiB // 2))
+        assert time.monotonic() - start < 3
+        assert "within 0.5 s" in e.value.message
+        assert b._ahead is None and len(ahead_buffers._free) == 1
+        server.kill(signal.SIGCONT)
+        buf = bytearray(MiB // 2)
+        assert on_loop(b.readinto, 4 * MiB + 512 * KiB, buf) == len(buf)
+        assert buf == content[4 * MiB + 512 * KiB:5 * MiB]
+    finally:
+        server.kill(signal.SIGCONT)
+        b.close()
