@@ -132,6 +132,8 @@ class Client:
         self._open = None
         session.remove_closer(self._session_canceled)
         try:
+            if hasattr(backend, "settle"):
+                backend.settle()
             # Closing may flush to storage: never in the event loop.
             ops.Runner(session.thread_slots).run(backend.close)
         except Exception:
@@ -305,6 +307,10 @@ class Images:
         try:
             runner = ops.Runner(session.thread_slots)
             backend = self._backend(session, mode, client, runner)
+            if kind != "read" and hasattr(backend, "settle"):
+                # Work the backend left on the event loop (an NBD
+                # read-ahead) ends here, before calls in a pool thread.
+                backend.settle()
             self._check_limits(session, kind, backend.capabilities)
             session.add_operation(op)
             result = "ok"

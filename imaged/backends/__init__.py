@@ -67,6 +67,13 @@ Backend interface
     close()
         Release the backend; also usable as a context manager.
 
+    read_ahead(offset), settle() (optional, cooperative backends)
+        read_ahead: a hint, in the event loop's thread, that the client
+        will likely read the data after `offset` next; the backend may
+        start reading it and leave that running on the loop. settle: end
+        such work; the service calls it in the loop's thread before any
+        call in a pool thread (see imaged.backends.nbd).
+
 I/O errors are reported as errors.StorageError.
 """
 

@@ -49,9 +49,13 @@ GET's last chunk has been read, before it is sent) looks up the next data
 extent after `offset` (one block status request) and sends the NBD reads
 for its first READ_AHEAD_BYTES without waiting for them: the server reads
 the disk while imaged sends the current answer and the client asks for the
-next range. The next call of any kind first takes those reads in (a
+next range. Meanwhile a watcher on the event loop takes in their replies
+as they come (qemu-nbd can only get ~208 KiB ahead into a unix socket, its
+send buffer), so the loop receives them while it would otherwise wait for
+the client. The next call of any kind first takes those reads in (a
 readinto() of that offset copies them instead of asking again) and gives
-the buffer back. A read-only export cannot change under imaged (qemu-nbd
+the buffer back; settle() does that on the event loop's thread, which the
+images service calls before it calls the backend in a pool thread. A read-only export cannot change under imaged (qemu-nbd
 --read-only, or a backup export of a point-in-time node), so data read a
 request early is the data the request would get; writable exports get no
 read-ahead. Memory: one read-ahead per backend (per client connection),
@@ -202,6 +206,8 @@ class NbdBackend:
         # (offset, length, buffer, cookies) of the reads sent by
         # read_ahead(), not yet taken in.
         self._ahead = None
+        # The watcher taking in the read-ahead's replies (_start_drain).
+        self._drain = None
         # The data runs of the last window looked up for read-ahead, and
         # where that window ended (see _next_data).
         self._runs = [], 0
@@ -343,8 +349,39 @@ class NbdBackend:
                 # they are done (_take_ahead), whatever happened here.
                 self._ahead = (start, length, buf, cookies) if found else \
                     (-1, 0, buf, cookies)
+                self._start_drain(h)
             else:
                 _ahead_buffers.put(buf)
+
+    def settle(self):
+        """
+        Take in a read-ahead (see read_ahead). Call it in the event loop's
+        thread before calling the backend in another thread.
+        """
+        self._take_ahead()
+
+    def _start_drain(self, h):
+        """
+        Receive the read-ahead's replies whenever the NBD socket is
+        readable, from the event loop (a callback, no greenlet), until no
+        command is in flight. Stopped by _take_ahead.
+        """
+        watcher = _on_loop().loop.io(h.aio_get_fd(), 1)
+
+        def readable():
+            try:
+                h.aio_notify_read()
+                done = not h.aio_in_flight() or h.aio_is_dead() or h.aio_is_closed()
+            except Exception:
+                # A callback of the loop must not raise (it would be
+                # called again and again); the next call finds out what
+                # went wrong and reports it.
+                done = True
+            if done:
+                watcher.stop()
+
+        watcher.start(readable)
+        self._drain = watcher
 
     def write(self, offset, buf):
         """Write all of `buf` at `offset`; never past the end of the export."""
@@ -521,6 +558,18 @@ class NbdBackend:
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return 0
+        drain, self._drain = self._drain, None
+        if drain is not None:
+            if _on_loop() is None:
+                # Not called in the loop's thread, where the watcher
+                # lives: it could take in a reply this thread then waits
+                # for in poll(). Dropping the connection ends its reads
+                # (settle() avoids this; it is a fallback).
+                log.debug("NBD read-ahead taken in off the event loop")
+                self._drop()
+            else:
+                drain.stop()
+                drain.close()
         start, length, buf, cookies = ahead
         settled = False
         try:
