@@ -119,8 +119,26 @@ def read(backend, runner, op, offset, length, buffers):
                 f"image ends at {size}, before the requested range")
         return backend.readinto(offset, view)
 
-    pending = None
     read_ahead = getattr(backend, "read_ahead", None)
+    if length and read_ahead is not None:
+        # What the backend read ahead at `offset`, sent from its own
+        # buffer (no copy), then the rest as usual.
+        ahead = backend.read_ahead_view(offset, min(chunk, length))
+        if ahead is not None:
+            try:
+                if backend.size() < end:
+                    raise errors.StorageError(
+                        f"image ends at {backend.size()}, before the requested range")
+                op.check()
+                if len(ahead) == length:
+                    read_ahead(end)
+                yield ahead
+                op.progress(len(ahead))
+                offset += len(ahead)
+                length -= len(ahead)
+            finally:
+                backend.release_ahead()
+    pending = None
     if length and hasattr(backend, "will_read"):
         # A proxied image asks its host for the whole range at once.
         backend.will_read(offset, length)

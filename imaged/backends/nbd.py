@@ -208,6 +208,8 @@ class NbdBackend:
         self._ahead = None
         # The watcher taking in the read-ahead's replies (_start_drain).
         self._drain = None
+        # The read-ahead buffer lent by read_ahead_view().
+        self._held = None
         # The data runs of the last window looked up for read-ahead, and
         # where that window ended (see _next_data).
         self._runs = [], 0
@@ -472,6 +474,7 @@ class NbdBackend:
     def close(self):
         """Disconnect from the server. Safe to call more than once."""
         self._take_ahead()
+        self.release_ahead()
         h, self._h = self._h, None
         if h is None:
             return
@@ -548,16 +551,17 @@ class NbdBackend:
             pos += length
         return runs, pos
 
-    def _take_ahead(self, offset=None, mv=None):
+    def _settle_ahead(self):
         """
-        Take in the reads sent by read_ahead(), if any, and give their
-        buffer back. If they read at `offset`, copy what they read into
-        `mv` and return how many bytes; else 0. Their failure is not this
-        call's: it is logged, and the call reads (or fails) for itself.
+        Take in the reads sent by read_ahead(), if any: (start, length,
+        buffer) of what they read, the buffer now the caller's to give back
+        (_ahead_buffers.put). None if there were none, or if they failed:
+        that is logged and not the caller's failure (it reads, or fails,
+        for itself), and their buffer is given back.
         """
         ahead, self._ahead = self._ahead, None
         if ahead is None:
-            return 0
+            return None
         drain, self._drain = self._drain, None
         if drain is not None:
             if _on_loop() is None:
@@ -571,31 +575,69 @@ class NbdBackend:
                 drain.stop()
                 drain.close()
         start, length, buf, cookies = ahead
-        settled = False
+        settled = ok = False
         try:
             if self._h is None:
-                return 0
+                return None
             with self._reporting("read", start):
                 self._wait(self._h, *cookies)
-            settled = True
-            if start != offset or mv is None:
-                return 0
-            n = min(length, len(mv))
-            # A copy (~0.1 ms per MiB here) keeps the transfer buffers
-            # the service's: the read-ahead buffer goes back at once.
-            mv[:n] = buf[:n]
-            return n
+            settled = ok = True
+            return start, length, buf
         except errors.StorageError as e:
             # A dead or stuck connection was dropped (_reporting).
             settled = True
             log.debug("NBD read-ahead at %d failed: %s", start, e)
-            return 0
+            return None
         finally:
             if not settled and self._h is not None:
                 # Interrupted (the request was canceled): the reads in
                 # flight would still write into `buf` once the handle is
                 # polled again, after another backend got the buffer.
                 self._drop()
+            if not ok:
+                _ahead_buffers.put(buf)
+
+    def _take_ahead(self, offset=None, mv=None):
+        """
+        Take in a read-ahead (_settle_ahead) and give its buffer back. If
+        it read at `offset`, copy what it read into `mv` and return how
+        many bytes; else 0.
+        """
+        got = self._settle_ahead()
+        if got is None:
+            return 0
+        start, length, buf = got
+        try:
+            if start != offset or mv is None:
+                return 0
+            n = min(length, len(mv))
+            mv[:n] = buf[:n]
+            return n
+        finally:
+            _ahead_buffers.put(buf)
+
+    def read_ahead_view(self, offset, length):
+        """
+        If a read-ahead read at `offset`: a view of up to `length` bytes
+        of what it read, valid until release_ahead(); else None (and the
+        read-ahead is left to the next call). Saves the copy readinto()
+        makes: ~0.1 ms per request of the sparse download, 10% of
+        imaged's Python samples (py-spy) with the copy.
+        """
+        if self._ahead is None or self._ahead[0] != offset:
+            return None
+        got = self._settle_ahead()
+        if got is None:
+            return None
+        start, n, buf = got
+        self.release_ahead()
+        self._held = buf
+        return buf[:min(n, length)]
+
+    def release_ahead(self):
+        """Give back the buffer of read_ahead_view()."""
+        buf, self._held = self._held, None
+        if buf is not None:
             _ahead_buffers.put(buf)
 
     # Requests

@@ -560,3 +560,29 @@ def test_read_ahead_server_hangs(qemu_nbd, chain, ahead_buffers):
     finally:
         server.kill(signal.SIGCONT)
         b.close()
+
+
+def test_read_ahead_view(qemu_nbd, chain, monkeypatch):
+    # What was read ahead, lent without a copy until given back; the next
+    # read-ahead meanwhile takes another buffer.
+    pool = nbd_backend._AheadBuffers(2, 256 * KiB)
+    monkeypatch.setattr(nbd_backend, "_ahead_buffers", pool)
+    top, _, _ = chain
+    content = guest_bytes(top)
+    b = open_nbd(qemu_nbd(top, read_only=True).url(), "r")
+    try:
+        on_loop(b.read_ahead, 2 * MiB)
+        assert on_loop(b.read_ahead_view, 4 * MiB + 1, MiB) is None
+        view = on_loop(b.read_ahead_view, 4 * MiB, 100 * KiB)
+        assert bytes(view) == content[4 * MiB:4 * MiB + 100 * KiB]
+        on_loop(b.read_ahead, 4 * MiB + 100 * KiB)
+        assert b._ahead[:2] == (4 * MiB + 100 * KiB, 256 * KiB)
+        # Still the same bytes: the second read-ahead has its own buffer.
+        assert bytes(view) == content[4 * MiB:4 * MiB + 100 * KiB]
+        b.release_ahead()
+        buf = bytearray(300 * KiB)
+        assert on_loop(b.readinto, 4 * MiB + 100 * KiB, buf) == len(buf)
+        assert buf == content[4 * MiB + 100 * KiB:4 * MiB + 400 * KiB]
+        assert len(pool._free) == 2
+    finally:
+        b.close()
