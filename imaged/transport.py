@@ -507,11 +507,25 @@ def _recv_blocking(fd, view, timeout_s, tls=None, spin=None):
         else:
             if not count:
                 break
+            short = count < len(view) - got
             got += count
             if spin_until:
                 spin.ended(True)
             spin_until = None
-            continue
+            if not short or tls is not None:
+                continue
+            # A short read took all the socket had: the next read would
+            # find it empty (an EAGAIN, an exception built in Python, then
+            # this poll). Poll first, unless this gap is to be spun
+            # through. A 2 GiB NBD upload over the unix socket, spins off:
+            # 32,700 readv() calls instead of 59,000, 1.01-1.12 server CPU
+            # s instead of 1.14-1.37 (3 each; ovirt-imageio 0.97-1.10, one
+            # recv per piece after a poll).
+            if spin is not None:
+                spin_until = time.monotonic() + spin.spin_s if spin.wanted() else 0.0
+                if spin_until:
+                    continue
+            events = select.POLLIN
         if spin_until:
             spin.ended(False)
         spin_until = None

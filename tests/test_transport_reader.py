@@ -184,6 +184,38 @@ def test_recv_spins_before_sleeping(monkeypatch, spin_s, sleeps):
     assert counting.sleeps == sleeps
 
 
+def test_recv_waits_after_a_short_read_instead_of_reading_again(monkeypatch):
+    # Each piece comes only once the reader sleeps. A read that returned
+    # less than asked took all the socket had: the reader polls next,
+    # instead of a read that finds the socket empty (and raises). About
+    # one read per piece (a piece may arrive in two parts), plus the first
+    # one, which finds nothing yet; reading again after each piece made
+    # two per piece.
+    counting = CountingPoll(web._thread_poll)
+    monkeypatch.setattr(web, "_thread_poll", counting)
+    reads = []
+    real_readv = os.readv
+    monkeypatch.setattr(os, "readv", lambda fd, bufs: reads.append(1) or real_readv(fd, bufs))
+    pieces = [os.urandom(64 * 1024) for _ in range(8)]
+    a, b = socket.socketpair()
+    a.setblocking(False)
+
+    def send():
+        for piece in pieces:
+            assert counting.slept.wait(10)
+            counting.slept.clear()
+            b.sendall(piece)
+
+    with a, b:
+        t = threading.Thread(target=send)
+        t.start()
+        view = memoryview(bytearray(8 * 64 * 1024))
+        assert web._recv_blocking(a.fileno(), view, 10, None, None) == len(view)
+        t.join()
+    assert view.tobytes() == b"".join(pieces)
+    assert len(reads) <= 1.5 * len(pieces), len(reads)
+
+
 def test_recv_spin_gives_way_to_the_timeout(monkeypatch):
     # A spin longer than the socket timeout still ends in poll() and its
     # timeout once the spin is over: the spin delays the sleep, nothing more.
