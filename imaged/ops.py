@@ -106,17 +106,20 @@ def read(backend, runner, op, offset, length, buffers):
         view = buffers[i][:min(chunk, end - pos)]
         return runner.submit(backend.readinto, pos, view), view
 
-    def read_first(view):
+    def check_end():
         # An image shorter than the range would end the response after its
-        # headers: find out with the first chunk, while an error status can
-        # still be sent. A backend on another daemon asks it for the range,
-        # and the daemon answers 416 itself.
-        if getattr(backend, "checks_ranges", False):
-            return backend.readinto(offset, view)
+        # headers: find out before the first chunk is sent, while an error
+        # status can still be sent.
         size = backend.size()
         if size < end:
             raise errors.StorageError(
                 f"image ends at {size}, before the requested range")
+
+    def read_first(view):
+        # A backend on another daemon asks it for the range, and the daemon
+        # answers 416 itself.
+        if not getattr(backend, "checks_ranges", False):
+            check_end()
         return backend.readinto(offset, view)
 
     read_ahead = getattr(backend, "read_ahead", None)
@@ -126,9 +129,7 @@ def read(backend, runner, op, offset, length, buffers):
         ahead = backend.read_ahead_view(offset, min(chunk, length))
         if ahead is not None:
             try:
-                if backend.size() < end:
-                    raise errors.StorageError(
-                        f"image ends at {backend.size()}, before the requested range")
+                check_end()
                 op.check()
                 if len(ahead) == length:
                     read_ahead(end)
