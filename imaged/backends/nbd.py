@@ -399,7 +399,6 @@ class NbdBackend:
     def write(self, offset, buf):
         """Write all of `buf` at `offset`; never past the end of the export."""
         check_writable(self._writable)
-        self._take_ahead()
         mv = byte_view(buf)
         h = self._handle()
         check_range(offset, len(mv), self._size)
@@ -419,7 +418,6 @@ class NbdBackend:
         the first time the server says it cannot zero fast.
         """
         check_writable(self._writable)
-        self._take_ahead()
         h = self._handle()
         check_range(offset, length, self._size)
         with self._reporting("zero", offset):
