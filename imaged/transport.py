@@ -195,6 +195,9 @@ class PortableBody:
         self.length = None if self.chunked else int(raw or 0)
         self._left = self.length
 
+    def allow_spin(self, allowed):
+        """As RequestBody.allow_spin(); this reader never spins."""
+
     def readinto(self, view):
         """Read up to len(view) bytes; 0 at the end of the body."""
         want = len(view) if self._left is None else min(len(view), self._left)
@@ -263,6 +266,16 @@ class RequestBody:
         # there cost 13% more server CPU and no throughput).
         local = sock is not None and sock.family == socket.AF_UNIX
         self._spin = Spin(self.UNIX_SPIN_S) if local else None
+
+    def allow_spin(self, allowed):
+        """
+        Whether pool-thread reads of this body may spin through the gaps
+        between a local client's pieces (see Spin); they may by default.
+        The application says no where what it does with the bytes needs
+        the core a spin would hold (imaged.backends.Capabilities.upload_spin).
+        """
+        if not allowed:
+            self._spin = None
 
     @property
     def complete(self):

@@ -150,16 +150,18 @@ class Image:
         if header:
             offset, last = ranges.parse_content_range(header)
         reader = transport.body(environ)
+        if not reader.chunked:
+            if not environ.get("CONTENT_LENGTH"):
+                raise errors.BadRequest("Content-Length header is required")
+            if last is not None and last - offset + 1 != reader.length:
+                raise errors.BadRequest("Content-Range does not match Content-Length")
+        # The backend says whether receiving may spin (the NBD one does not).
+        reader.allow_spin(self.service.capabilities(session, conn).upload_spin)
         if reader.chunked:
             end = None if last is None else last + 1
             self.service.write_stream(session, offset, reader, conn, flush, end)
-            return web.empty_response()
-        length = reader.length
-        if not environ.get("CONTENT_LENGTH"):
-            raise errors.BadRequest("Content-Length header is required")
-        if last is not None and last - offset + 1 != length:
-            raise errors.BadRequest("Content-Range does not match Content-Length")
-        self.service.write(session, offset, length, reader, conn, flush)
+        else:
+            self.service.write(session, offset, reader.length, reader, conn, flush)
         return web.empty_response()
 
     def patch(self, session_id):

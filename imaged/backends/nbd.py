@@ -287,9 +287,16 @@ class NbdBackend:
         # writes of another: one writer only.
         # zero() writes zeroes where the server cannot zero; flush() is a
         # no-op where the server has no cache to flush.
+        # No spinning for uploads: the NBD server writing what we send
+        # needs the core a spin would hold. A unix socket PUT of 2 GiB into
+        # a new qcow2 on 2 cores, 4 pairs: 86,000-113,000 readv() calls and
+        # 1.52-1.64 server CPU s with spins, 32,700 and 1.33-1.68 s without
+        # (median 1.60 -> 1.44; ovirt-imageio 1.37-2.24), qemu-nbd's CPU
+        # and the throughput the same (docs/benchmarks.md, fifth session).
         self.capabilities = Capabilities(
             extents=extents, max_writers=None if h.can_multi_conn() else 1,
-            zero=True, flush=True, sparse=True, fixed_size=True)
+            zero=True, flush=True, sparse=True, fixed_size=True,
+            upload_spin=False)
         log.debug("connected to NBD %s: size=%d multi_conn=%s depth=%s bitmap=%s",
                   self._address, self._size, h.can_multi_conn(),
                   h.can_meta_context(DEPTH), self._bitmap)
