@@ -42,6 +42,21 @@ turned off in the config, and none weakens anything:
   per transfer without it and 0.27 s with it (medians of 9, user time
   equal at 0.85 s): the copy into the buffer costs less than the calls.
 
+- **Body read buffer** (also `tls.read_buffer_bytes`). Read-ahead has a
+  cost of its own: at the start of every record OpenSSL moves what it
+  holds past that record to an aligned spot at the front of its buffer
+  (ssl3_read_n), so a 256 KiB read is copied again and again as its
+  records are taken out: `memmove` was 21% of the CPU samples of a
+  2 GiB upload. While a pool thread reads a large request body
+  (`ReadBuffer`), a buffering BIO of OpenSSL's own takes the socket's
+  data in reads of `read_buffer_bytes` instead, and OpenSSL, read-ahead
+  off, takes each record from it with two copies and nothing moved:
+  `memmove` 15% of the samples, 1.88-1.92 server CPU s per 2 GiB upload
+  instead of 2.15-2.31 (docs/benchmarks.md). The buffer is taken away
+  once it is empty after the request (kept until then: a client may have
+  sent its next request behind the body), so idle connections keep no
+  buffer.
+
 Python's ssl module has no call for any of them (its set_ciphers()
 covers TLS 1.2 only, it never sets read-ahead, and it cannot stack
 BIOs), so they are set on the context's SSL_CTX and the connection's SSL
@@ -81,6 +96,7 @@ _SSL_CTRL_GET_READ_AHEAD = 40
 _SSL_CTRL_SET_READ_AHEAD = 41
 _SSL_MODE_RELEASE_BUFFERS = 0x10
 # From OpenSSL's bio.h.
+_BIO_CTRL_PENDING = 10
 _BIO_CTRL_FLUSH = 11
 _BIO_C_SET_BUFF_SIZE = 117
 _BIO_FLAGS_SHOULD_RETRY = 0x08
@@ -90,6 +106,8 @@ _POINTER_BYTES = ctypes.sizeof(ctypes.c_void_p)
 # Write buffer size per context (set_write_buffer); contexts are shared by
 # all the connections of a listener.
 _write_buffers = weakref.WeakKeyDictionary()
+# Body read buffer size per context (set_read_ahead).
+_read_buffers = weakref.WeakKeyDictionary()
 
 
 class InsecureKey(OSError):
@@ -167,6 +185,7 @@ def set_read_ahead(ctx, buffer_bytes):
         return False
     lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_READ_AHEAD, 1, None)
     lib.SSL_CTX_set_default_read_buffer_len(ptr, buffer_bytes)
+    _read_buffers[ctx] = buffer_bytes
     return True
 
 
@@ -204,7 +223,7 @@ def write_buffer(conn, wait_writable):
     """
     size = _write_buffers.get(conn.context, 0)
     ssl_ptr = _ssl_of(conn) if size else None
-    buf = _take_buffer(size) if ssl_ptr else None
+    buf = _take_buffer(_WRITE, size) if ssl_ptr else None
     if not buf:
         yield
         return
@@ -236,21 +255,25 @@ def write_buffer(conn, wait_writable):
     _lib.BIO_pop(buf)
     _lib.BIO_up_ref(buf)                            # kept for the next send
     _lib.SSL_set0_wbio(ssl_ptr, sock_bio)
-    _give_back_buffer(buf, size)
+    _give_back_buffer(buf, _WRITE, size)
 
 
-# Flushed write buffers kept for the next large send, at most this much
-# memory (and always one): allocating and freeing 256 KiB per 8 MiB sent
-# cost ~3% of a download's CPU samples (py-spy; a fresh mapping from
-# malloc, faulted in, then unmapped).
+# Buffering BIOs kept for the next large send (_WRITE) or body read
+# (_READ), at most this much memory of each kind (and always one):
+# allocating and freeing 256 KiB per 8 MiB sent cost ~3% of a download's
+# CPU samples (py-spy; a fresh mapping from malloc, faulted in, then
+# unmapped).
 _IDLE_BUFFERS_MAX_BYTES = 2 * 1024**2
-_idle_buffers = []
+# BIO_C_SET_BUFF_SIZE's argument: which of the BIO's two buffers to size.
+_READ, _WRITE = 0, 1
+_idle_buffers = {_READ: [], _WRITE: []}
 
 
-def _take_buffer(size):
-    """An empty buffering BIO of `size` bytes, or None."""
+def _take_buffer(kind, size):
+    """An empty buffering BIO whose `kind` buffer holds `size` bytes, or None."""
+    idle = _idle_buffers[kind]
     try:
-        buf_size, buf = _idle_buffers.pop()
+        buf_size, buf = idle.pop()
     except IndexError:
         pass
     else:
@@ -258,17 +281,91 @@ def _take_buffer(size):
             return buf
         _lib.BIO_free(buf)
     buf = _lib.BIO_new(_lib.BIO_f_buffer())
-    if buf and _lib.BIO_int_ctrl(buf, _BIO_C_SET_BUFF_SIZE, size, 1) != 1:
+    if buf and _lib.BIO_int_ctrl(buf, _BIO_C_SET_BUFF_SIZE, size, kind) != 1:
         _lib.BIO_free(buf)
         buf = None
     return buf
 
 
-def _give_back_buffer(buf, size):
-    if len(_idle_buffers) < max(1, _IDLE_BUFFERS_MAX_BYTES // size):
-        _idle_buffers.append((size, buf))
+def _give_back_buffer(buf, kind, size):
+    idle = _idle_buffers[kind]
+    if len(idle) < max(1, _IDLE_BUFFERS_MAX_BYTES // size):
+        idle.append((size, buf))
     else:
         _lib.BIO_free(buf)
+
+
+class ReadBuffer:
+    """
+    A buffering BIO under the reads of one TLS connection, for the length
+    of a large request body (see "Body read buffer" above).
+
+    attach() puts it in place and turns OpenSSL's read-ahead off for the
+    connection; detach() takes it away and turns read-ahead back on, but
+    only once the buffer is empty: bytes the client sent after the body
+    (its next request) wait in it until they are read, through OpenSSL
+    like every read. Until detached, OpenSSL owns the BIO: freeing the
+    connection frees it.
+    """
+
+    def __init__(self, conn, ssl_ptr, sock_bio, buf, size):
+        # `conn` keeps OpenSSL's connection (and so the BIOs) alive.
+        self._conn = conn
+        self._ssl = ssl_ptr
+        self._sock_bio = sock_bio
+        self._buf = buf
+        self._size = size
+
+    @classmethod
+    def attach(cls, conn):
+        """
+        Put a read buffer under the TLS connection `conn` (the C object an
+        SSLSocket wraps), if its context has a read buffer size
+        (set_read_ahead). Returns the ReadBuffer, or None.
+        """
+        size = _read_buffers.get(conn.context, 0)
+        ssl_ptr = _ssl_of(conn) if size else None
+        if not ssl_ptr:
+            return None
+        sock_bio = _lib.SSL_get_rbio(ssl_ptr)
+        buf = _take_buffer(_READ, size)
+        if not buf:
+            return None
+        # SSL_set0_rbio() frees the BIO it replaces: the chain keeps its own
+        # reference to the socket BIO.
+        _lib.BIO_up_ref(sock_bio)
+        _lib.BIO_push(buf, sock_bio)
+        _lib.SSL_set0_rbio(ssl_ptr, buf)
+        _lib.SSL_set_read_ahead(ssl_ptr, 0)
+        # With read-ahead off OpenSSL's own buffer holds one record at a
+        # time, and is released and allocated again for each (the context
+        # releases buffers): one record's size, not read_buffer_bytes.
+        _lib.SSL_set_default_read_buffer_len(ssl_ptr, 0)
+        return cls(conn, ssl_ptr, sock_bio, buf, size)
+
+    def detach(self):
+        """
+        Take the buffer away if it holds no byte. Returns True if the
+        connection reads without it from now on.
+        """
+        if self._buf is None:
+            return True
+        if _lib.BIO_ctrl(self._buf, _BIO_CTRL_PENDING, 0, None) > 0:
+            return False
+        ssl_ptr, buf = self._ssl, self._buf
+        self._buf = None
+        if _lib.SSL_get_rbio(ssl_ptr) != buf:
+            # Not ours any more: OpenSSL frees it with the connection.
+            log.warning("TLS read BIO replaced while reading a body; buffer left in place")
+            return True
+        _lib.BIO_pop(buf)                               # the reference is ours again
+        _lib.BIO_up_ref(buf)                            # kept for the next body
+        _lib.SSL_set0_rbio(ssl_ptr, self._sock_bio)     # drops OpenSSL's reference
+        _lib.SSL_set_default_read_buffer_len(ssl_ptr, self._size)
+        _lib.SSL_set_read_ahead(ssl_ptr, 1)
+        _give_back_buffer(buf, _READ, self._size)
+        self._conn = None
+        return True
 
 
 def write_buffer_bytes(ctx):
@@ -316,6 +413,10 @@ def _load():
         for name, restype, argtypes in [
                 ("SSL_get_SSL_CTX", p, [p]),
                 ("SSL_get_wbio", p, [p]),
+                ("SSL_get_rbio", p, [p]),
+                ("SSL_set0_rbio", None, [p, p]),
+                ("SSL_set_read_ahead", None, [p, i]),
+                ("SSL_set_default_read_buffer_len", None, [p, ctypes.c_size_t]),
                 ("SSL_set0_wbio", None, [p, p]),
                 ("BIO_f_buffer", p, []),
                 ("BIO_new", p, [p]),
@@ -342,8 +443,8 @@ def _ssl_ctx(ctx):
 def _ssl_of(conn):
     """
     The SSL of the connection `conn` (an _ssl._SSLSocket), or None. Only
-    for connections of a context set_write_buffer() took: their context's
-    layout (and libssl) were checked there, once.
+    for connections of a context set_write_buffer() or set_read_ahead()
+    took: their context's layout (and libssl) were checked there, once.
     """
     # CPython's PySSLSocket: the object header, then `PyObject *Socket`,
     # `SSL *ssl` and `PySSLContext *ctx`. The context pointer is checked
@@ -351,7 +452,7 @@ def _ssl_of(conn):
     base = id(conn) + object.__basicsize__
     ctx = conn.context
     if ctypes.c_void_p.from_address(base + 2 * _POINTER_BYTES).value != id(ctx):
-        log.warning("unexpected layout of ssl.SSLSocket; TLS write buffer skipped")
+        log.warning("unexpected layout of ssl.SSLSocket; TLS buffers skipped")
         return None
     ptr = ctypes.c_void_p.from_address(base + _POINTER_BYTES).value
     if not ptr or _lib.SSL_get_SSL_CTX(ptr) != _ssl_ctx(ctx):

@@ -91,6 +91,9 @@ class Link:
         self._close_requested = False
         self._closers = []
         self._closed = False
+        # The TLS read buffer under a request body (tls.ReadBuffer): None
+        # before the first, False where TLS buffers are off.
+        self._read_buffer = None
 
     @property
     def detached(self):
@@ -152,6 +155,23 @@ class Link:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def buffer_reads(self, conn):
+        """
+        Read a large request body through a TLS read buffer (see
+        tls.ReadBuffer) on `conn`, the connection's C object, until
+        end_buffered_reads().
+        """
+        if self._read_buffer is None:
+            self._read_buffer = tls.ReadBuffer.attach(conn) or False
+
+    def end_buffered_reads(self):
+        """
+        After a request: back to OpenSSL's read-ahead, once the read buffer
+        holds none of what the client sent next; else after a later request.
+        """
+        if self._read_buffer and self._read_buffer.detach():
+            self._read_buffer = None
 
     def close(self):
         """The connection ended: run the on_close callbacks, once."""
@@ -395,6 +415,7 @@ class RequestBody:
                 tls = sock._sslobj
                 if tls is None:
                     raise ClientGone("connection shut down while reading the body")
+                self._link.buffer_reads(tls)
             result = gevent.get_hub().threadpool.spawn(
                 _recv_blocking, self._fd, view, sock.gettimeout(), tls, self._spin)
             try:
@@ -740,6 +761,7 @@ class Handler(pywsgi.WSGIHandler):
             self.handle_one_response()
         finally:
             self.link.busy = False
+            self.link.end_buffered_reads()
         if self._must_close():
             self.close_connection = True
             self._linger()

@@ -7,7 +7,9 @@ test_tls_clients.py.
 
 import os
 import socket
+import ctypes
 import ssl
+import threading
 import time
 
 import pytest
@@ -125,6 +127,60 @@ def test_upload_reads_and_pipelined_request(make_daemon, tmp_path, read_buffer_b
     else:
         # OpenSSL's default: a header, then the record.
         assert reads >= 2 * records, reads
+
+
+def test_read_buffer_keeps_what_follows_a_body(tls_files):
+    # tls.ReadBuffer under a request body, on a real TLS connection: the
+    # body arrives whole; the client's next request, read into the buffer
+    # with the body's last records, keeps the buffer in place until it is
+    # read; then the connection is back on OpenSSL's read-ahead.
+    cfg = dict(config.DEFAULTS["tls"], cert_file=tls_files[0], key_file=tls_files[1])
+    server_ctx = tls.server_context(cfg)
+    client_ctx = ssl.create_default_context(cafile=tls_files[0])
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        b = socket.create_connection(listener.getsockname(), timeout=30)
+        a, _ = listener.accept()
+    a.settimeout(30)
+    clients = []
+    t = threading.Thread(target=lambda: clients.append(
+        client_ctx.wrap_socket(b, server_hostname="localhost")))
+    t.start()
+    server = server_ctx.wrap_socket(a, server_side=True)
+    t.join()
+    client, = clients
+    lib = tls._lib
+    lib.SSL_get_read_ahead.restype = ctypes.c_int
+    lib.SSL_get_read_ahead.argtypes = [ctypes.c_void_p]
+    conn = server._sslobj
+    ssl_ptr = tls._ssl_of(conn)
+    try:
+        body = os.urandom(64 * KiB)
+        # Records the body's reads take in with it: all of it fits in the
+        # socket before the server reads.
+        client.sendall(body)
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        rb = tls.ReadBuffer.attach(conn)
+        assert rb is not None
+        assert lib.SSL_get_rbio(ssl_ptr) != lib.SSL_get_wbio(ssl_ptr)
+        assert lib.SSL_get_read_ahead(ssl_ptr) == 0
+        got = bytearray()
+        while len(got) < len(body):
+            got += conn.read(len(body) - len(got))
+        assert got == body
+        assert not rb.detach()
+        assert lib.SSL_get_rbio(ssl_ptr) != lib.SSL_get_wbio(ssl_ptr)
+        assert conn.read(100) == b"GET / HTTP/1.1\r\n\r\n"
+        assert rb.detach()
+        assert lib.SSL_get_rbio(ssl_ptr) == lib.SSL_get_wbio(ssl_ptr)
+        assert lib.SSL_get_read_ahead(ssl_ptr) == 1
+        # The connection goes on as before: both ways.
+        client.sendall(b"more")
+        assert server.recv(10) == b"more"
+        server.sendall(b"answer")
+        assert client.recv(10) == b"answer"
+    finally:
+        client.close()
+        server.close()
 
 
 @pytest.mark.parametrize("write_buffer_bytes,lowat,records_per_write", [
