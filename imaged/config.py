@@ -59,8 +59,9 @@ DEFAULTS = {
         # clients ask for AES-256 first, and AES-128 costs the server less
         # CPU per byte (imaged.tls, docs/benchmarks.md).
         "prefer_aes128_gcm": True,
-        # OpenSSL reads ahead up to this much in one call (0: one record
-        # at a time, two read() calls per 16 KiB record).
+        # OpenSSL reads ahead up to this much in one call, and large
+        # request bodies are read through a buffer this big (0: neither;
+        # one record at a time, two read() calls per 16 KiB record).
         "read_buffer_bytes": 256 * KiB,
         # Large sends leave in writes of this much instead of one write()
         # per 16 KiB record (0: a write per record).

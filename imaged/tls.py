@@ -1,6 +1,6 @@
 """
 TLS for imaged's listeners: the key file check done at start, the server
-context, and the three OpenSSL settings Python's `ssl` module does not
+context, and the OpenSSL settings Python's `ssl` module does not
 expose.
 
 The private key of the host is the daemon's identity: a key readable by
@@ -8,7 +8,7 @@ other users, or writable by anyone but its owner, is refused rather than
 used.
 
 Every TLS choice of the server is made here: TLS 1.2 or later, AEAD
-suites with forward secrecy only, no compression. Three more settings
+suites with forward secrecy only, no compression. Four more settings
 are made for speed; all are measured in docs/benchmarks.md, all can be
 turned off in the config, and none weakens anything:
 
@@ -51,11 +51,11 @@ turned off in the config, and none weakens anything:
   (`ReadBuffer`), a buffering BIO of OpenSSL's own takes the socket's
   data in reads of `read_buffer_bytes` instead, and OpenSSL, read-ahead
   off, takes each record from it with two copies and nothing moved:
-  `memmove` 15% of the samples, 1.88-1.92 server CPU s per 2 GiB upload
-  instead of 2.15-2.31 (docs/benchmarks.md). The buffer is taken away
-  once it is empty after the request (kept until then: a client may have
-  sent its next request behind the body), so idle connections keep no
-  buffer.
+  `memmove` 13-15% of the samples, server CPU per 2 GiB upload 1.87 s
+  instead of 2.03 (medians of 6, alternating; docs/benchmarks.md). The
+  buffer is taken away once it is empty after the request (kept until
+  then: a client may have sent its next request behind the body), so
+  idle connections keep no buffer.
 
 Python's ssl module has no call for any of them (its set_ciphers()
 covers TLS 1.2 only, it never sets read-ahead, and it cannot stack
