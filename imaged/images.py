@@ -356,7 +356,7 @@ class Images:
         backend, runner, op = cm.__enter__()
         log.debug("session %s: READ offset=%d length=%d", session.name, offset, length)
         try:
-            gen = ops.read(backend, runner, op, offset, length, client.buffers())
+            gen = ops.read(backend, runner, op, offset, length, client.buffers)
             first = next(gen, None)
         except BaseException as e:
             cm.__exit__(type(e), e, e.__traceback__)

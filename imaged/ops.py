@@ -92,14 +92,15 @@ def _wait_quietly(result):
             pass
 
 
-def read(backend, runner, op, offset, length, buffers):
+def read(backend, runner, op, offset, length, lease):
     """
     Yield the image bytes of [offset, offset + length) as memoryviews.
 
     A yielded view is valid until the next iteration. The next chunk is read
-    while the caller sends the current one.
+    while the caller sends the current one. `lease()` returns the two
+    transfer buffers; it is called only if the range is not all in what
+    the backend read ahead.
     """
-    chunk = len(buffers[0])
     end = offset + length
 
     def submit(i, pos):
@@ -126,7 +127,7 @@ def read(backend, runner, op, offset, length, buffers):
     if length and read_ahead is not None:
         # What the backend read ahead at `offset`, sent from its own
         # buffer (no copy), then the rest as usual.
-        ahead = backend.read_ahead_view(offset, min(chunk, length))
+        ahead = backend.read_ahead_view(offset, length)
         if ahead is not None:
             try:
                 check_end()
@@ -144,6 +145,11 @@ def read(backend, runner, op, offset, length, buffers):
         # A proxied image asks its host for the whole range at once.
         backend.will_read(offset, length)
     if length:
+        # Only now: a request answered from what the backend read ahead
+        # (most of the NBD sparse download's) needs no transfer buffers,
+        # and leasing them cost ~26 us a request (BufferPool.get + put).
+        buffers = lease()
+        chunk = len(buffers[0])
         view = buffers[0][:min(chunk, length)]
         if getattr(backend, "cooperative", False):
             # The first chunk is waited for at once, with nothing to

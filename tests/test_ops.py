@@ -49,7 +49,7 @@ def test_read_yields_the_range(runner, image):
     path, data = image
     op = sessions.Operation("read", 3, MiB - 10)
     with FileBackend(path, "r", direct=False) as b:
-        got = b"".join(bytes(v) for v in ops.read(b, runner, op, 3, MiB - 10, buffers()))
+        got = b"".join(bytes(v) for v in ops.read(b, runner, op, 3, MiB - 10, buffers))
     assert got == data[3:MiB - 7]
     assert op.done == MiB - 10
 
@@ -58,7 +58,7 @@ def test_read_of_a_short_image_fails_before_the_first_chunk(runner, image):
     path, _ = image
     op = sessions.Operation("read")
     with FileBackend(path, "r", direct=False) as b:
-        gen = ops.read(b, runner, op, 0, 2 * MiB, buffers())
+        gen = ops.read(b, runner, op, 0, 2 * MiB, buffers)
         with pytest.raises(errors.StorageError, match="image ends"):
             next(gen)
 
@@ -67,7 +67,7 @@ def test_read_stops_when_canceled(runner, image):
     path, _ = image
     op = sessions.Operation("read", 0, MiB)
     with FileBackend(path, "r", direct=False) as b:
-        gen = ops.read(b, runner, op, 0, MiB, buffers())
+        gen = ops.read(b, runner, op, 0, MiB, buffers)
         next(gen)
         op.cancel()
         with pytest.raises(errors.Canceled):

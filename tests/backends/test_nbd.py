@@ -8,9 +8,12 @@ import signal
 import time
 
 import gevent
+import gevent.lock
 import pytest
 
 from imaged import errors
+from imaged import ops
+from imaged import sessions
 from imaged.backends import Extent, OpenOptions, open_backend
 from imaged.backends import nbd as nbd_backend
 
@@ -559,6 +562,38 @@ def test_read_ahead_server_hangs(qemu_nbd, chain, ahead_buffers):
         assert buf == content[4 * MiB + 512 * KiB:5 * MiB]
     finally:
         server.kill(signal.SIGCONT)
+        b.close()
+
+
+def test_read_from_read_ahead_leases_no_buffers(qemu_nbd, chain, ahead_buffers):
+    # ops.read of a range all in what was read ahead sends it from the
+    # read-ahead buffer and leases no transfer buffers; a range going past
+    # it leases them for the rest.
+    top, _, _ = chain
+    content = guest_bytes(top)
+    b = open_nbd(qemu_nbd(top, read_only=True).url(), "r")
+    leases = []
+
+    def lease():
+        leases.append(1)
+        return [memoryview(bytearray(MiB)), memoryview(bytearray(MiB))]
+
+    def read(offset, length):
+        op = sessions.Operation("read", offset, length)
+        runner = ops.Runner(gevent.lock.BoundedSemaphore(2))
+        return on_loop(lambda: b"".join(
+            bytes(v) for v in ops.read(b, runner, op, offset, length, lease)))
+
+    try:
+        on_loop(b.read_ahead, 2 * MiB)
+        assert read(4 * MiB, 100 * KiB) == content[4 * MiB:4 * MiB + 100 * KiB]
+        assert leases == []
+        # Nothing read ahead here (the only buffer was lent to the read
+        # before): the buffers are leased.
+        assert read(4 * MiB + 100 * KiB, 300 * KiB) == \
+            content[4 * MiB + 100 * KiB:4 * MiB + 400 * KiB]
+        assert leases == [1]
+    finally:
         b.close()
 
 
