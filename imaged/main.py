@@ -83,6 +83,12 @@ def setup_logging(cfg):
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(cfg["level"])
+    # The format names no source file, line or process: records need not
+    # look them up (logging's documented switches). findCaller walks the
+    # stack for every record, and every operation logs a line.
+    logging._srcfile = None
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 if __name__ == "__main__":
