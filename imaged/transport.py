@@ -283,7 +283,9 @@ class RequestBody:
         # Only local clients: they send fast enough that a spin bridges the
         # gaps. A remote client's gaps are longer than any worthwhile spin,
         # and over TLS decrypting already keeps both cores busy (a spin
-        # there cost 13% more server CPU and no throughput).
+        # there cost 13% more server CPU and no throughput). The
+        # application may still say no (allow_spin): into NBD a spin takes
+        # the core qemu-nbd writes with.
         local = sock is not None and sock.family == socket.AF_UNIX
         self._spin = Spin(self.UNIX_SPIN_S) if local else None
 
