@@ -368,6 +368,11 @@ class ReadBuffer:
         return True
 
 
+def read_buffer_bytes(ctx):
+    """The read buffer set on `ctx` (set_read_ahead), 0 if none."""
+    return _read_buffers.get(ctx, 0)
+
+
 def write_buffer_bytes(ctx):
     """The write buffer set on `ctx`, 0 if none (for tests)."""
     return _write_buffers.get(ctx, 0)

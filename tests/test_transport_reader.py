@@ -3,6 +3,7 @@ imaged.transport pieces that need no server: the blocking body reader that runs
 in pool threads, on real socket pairs, plain and TLS (real handshakes).
 """
 
+import functools
 import io
 import os
 import socket
@@ -349,3 +350,96 @@ def test_recv_keeps_spinning_where_spins_find_data(monkeypatch):
     assert sleeps == 0
     assert spin.success == 1.0
     assert spin.spins >= 1
+
+
+def tcp_pair():
+    """A connected TCP pair on loopback: (server end, non-blocking; client end)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=10)
+        server, _ = listener.accept()
+    server.setblocking(False)
+    return server, client
+
+
+def wake_on(sock, coming, wake_bytes=128 * 1024):
+    """_recv_blocking's `wake` for `sock`: SO_RCVLOWAT of wake_bytes."""
+    set_lowat = functools.partial(sock.setsockopt, socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+    return set_lowat, wake_bytes, coming
+
+
+def test_recv_wakes_once_wake_bytes_have_come(monkeypatch):
+    # A client sending 16 KiB a millisecond, slower than the reader: the
+    # reader sleeps until 128 KiB are there, not for every piece.
+    counting = CountingPoll(web._thread_poll)
+    monkeypatch.setattr(web, "_thread_poll", counting)
+    data = os.urandom(2 * 1024**2)
+    server, client = tcp_pair()
+
+    def send():
+        for start in range(0, len(data), 16 * 1024):
+            client.sendall(data[start:start + 16 * 1024])
+            time.sleep(0.001)
+
+    with server, client:
+        t = threading.Thread(target=send)
+        t.start()
+        view = memoryview(bytearray(len(data)))
+        assert web._recv_blocking(server.fileno(), view, 10, wake=wake_on(server, len(data))) \
+            == len(data)
+        t.join()
+        # Back to the kernel's default for whoever reads next.
+        assert server.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    assert view.tobytes() == data
+    # 16 wakes of 128 KiB, a few more where a wait took fewer; a reader
+    # that woke for every piece would sleep about 128 times.
+    assert counting.sleeps <= 40, counting.sleeps
+
+
+def test_recv_takes_fewer_than_wake_bytes_from_a_slow_client():
+    # 16 KiB every 100 ms: each wait for 128 KiB gives up after
+    # WAKE_WAIT_MS and takes what came. The timeout (0.5 s) counts from
+    # the last byte, not from the start of the wait for 128 KiB.
+    pieces = [os.urandom(16 * 1024) for _ in range(8)]
+    server, client = tcp_pair()
+
+    def send():
+        for piece in pieces:
+            client.sendall(piece)
+            time.sleep(0.1)
+
+    with server, client:
+        t = threading.Thread(target=send)
+        t.start()
+        view = memoryview(bytearray(8 * 16 * 1024))
+        assert web._recv_blocking(server.fileno(), view, 0.5,
+                                  wake=wake_on(server, 1024**2)) == len(view)
+        t.join()
+    assert view.tobytes() == b"".join(pieces)
+
+
+def test_recv_waits_for_single_bytes_near_the_end(monkeypatch):
+    # 150 KiB, then after a pause the last 50 KiB: fewer than 128 KiB are
+    # still to come, so the reader wakes for any byte (one sleep), instead
+    # of waiting WAKE_WAIT_MS for bytes that will never come (two).
+    counting = CountingPoll(web._thread_poll)
+    monkeypatch.setattr(web, "_thread_poll", counting)
+    head, tail = os.urandom(150 * 1024), os.urandom(50 * 1024)
+    server, client = tcp_pair()
+    with server, client:
+        client.sendall(head)
+        later = threading.Timer(0.2, client.sendall, [tail])
+        later.start()
+        view = memoryview(bytearray(200 * 1024))
+        got = 0
+        # As RequestBody does: whatever the first read takes, then the rest.
+        while got < len(head):
+            try:
+                got += server.recv_into(view[got:len(head)])
+            except BlockingIOError:
+                time.sleep(0.01)
+        counting.sleeps = 0
+        assert web._recv_blocking(server.fileno(), view[got:], 10,
+                                  wake=wake_on(server, len(tail))) == len(tail)
+        later.join()
+    assert view.tobytes() == head + tail
+    assert counting.sleeps == 1, counting.sleeps
