@@ -291,12 +291,6 @@ class RequestBody:
         # the core qemu-nbd writes with.
         local = sock is not None and sock.family == socket.AF_UNIX
         self._spin = Spin(self.UNIX_SPIN_S) if local else None
-        # Body bytes that may wait above the socket, in OpenSSL's buffer and
-        # the read buffer under it (tls.ReadBuffer): a wait for more must
-        # never ask for bytes that are already there.
-        self._buffered_max = 64 * 1024
-        if self._tls:
-            self._buffered_max += 2 * tls.read_buffer_bytes(sock.context)
 
     def allow_spin(self, allowed):
         """
@@ -419,24 +413,30 @@ class RequestBody:
             # In the event loop, from the socket itself (see _read_plain).
             return sock.recv_into(view)
         try:
-            tls = None
+            conn = None
             if self._tls:
                 # The C object under gevent's SSLSocket; None once abort()
                 # shut the connection down.
-                tls = sock._sslobj
-                if tls is None:
+                conn = sock._sslobj
+                if conn is None:
                     raise ClientGone("connection shut down while reading the body")
-                self._link.buffer_reads(tls)
+                self._link.buffer_reads(conn)
             wake = None
             if sock.family in TCP_FAMILIES:
-                # Bytes of the body surely still to come through the socket.
-                coming = self._left - self._buffered_max
+                # Bytes of the body surely still to come through the socket:
+                # a wait for more must never ask for bytes that already wait
+                # above it, in OpenSSL's buffer and the read buffer under it
+                # (tls.ReadBuffer).
+                buffered_max = 64 * 1024
+                if conn is not None:
+                    buffered_max += 2 * tls.read_buffer_bytes(sock.context)
+                coming = self._left - buffered_max
                 if coming >= self.TCP_WAKE_BYTES:
                     wake = (functools.partial(sock.setsockopt, socket.SOL_SOCKET,
                                               socket.SO_RCVLOWAT),
                             self.TCP_WAKE_BYTES, coming)
             result = gevent.get_hub().threadpool.spawn(
-                _recv_blocking, self._fd, view, sock.gettimeout(), tls, self._spin, wake)
+                _recv_blocking, self._fd, view, sock.gettimeout(), conn, self._spin, wake)
             try:
                 return result.get()
             except BaseException:
@@ -625,7 +625,6 @@ def _recv_blocking(fd, view, timeout_s, tls=None, spin=None, wake=None):
             except OSError:
                 pass    # The connection is gone.
     return got
-
 
 
 def send_all(sock, data):
