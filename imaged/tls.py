@@ -189,6 +189,19 @@ def set_read_ahead(ctx, buffer_bytes):
     return True
 
 
+def set_read_buffer(ctx, buffer_bytes):
+    """
+    Let ReadBuffer.attach() put a buffer of `buffer_bytes` under the
+    connections of `ctx`, without read-ahead on the context: for clients,
+    whose connections take a buffer once and keep it (see
+    imaged.client.http). Returns True if it will.
+    """
+    if _libssl(ctx) is None:
+        return False
+    _read_buffers[ctx] = buffer_bytes
+    return True
+
+
 def read_ahead(ctx):
     """Whether read-ahead is on in `ctx` (for tests and --show-config)."""
     lib = _libssl(ctx)

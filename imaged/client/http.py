@@ -22,6 +22,7 @@ import socket
 import ssl
 import urllib.parse
 
+from .. import tls
 from . import errors
 
 log = logging.getLogger("imaged.client")
@@ -38,6 +39,14 @@ _STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError,
 # Sentinel: use the connection's default timeout.
 DEFAULT = object()
 
+# A buffer under each HTTPS connection's reads (imaged.tls.ReadBuffer),
+# kept for the life of the connection. Python's ssl module reads a TLS
+# record with two read() calls, its 5-byte header and then the rest:
+# 102,900 calls for the 784 MiB of the bench's sparse download, most of
+# the client's system time. With the buffer the socket is read 256 KiB
+# at a time.
+TLS_READ_BUFFER_BYTES = 256 * 1024
+
 
 def tls_context(cafile=None, insecure=False):
     """
@@ -49,6 +58,7 @@ def tls_context(cafile=None, insecure=False):
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    tls.set_read_buffer(ctx, TLS_READ_BUFFER_BYTES)
     return ctx
 
 
@@ -230,6 +240,9 @@ class Connection:
         except (OSError, http.client.HTTPException) as e:
             self.close()
             raise self._failure(method, e, connecting=True) from None
+        if self.transport == "https":
+            # Never detached: OpenSSL frees it with the connection.
+            tls.ReadBuffer.attach(self._conn.sock._sslobj)
 
     def _send(self, method, target, body, headers):
         conn = self._conn

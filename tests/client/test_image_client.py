@@ -80,3 +80,25 @@ def test_refusals(server, image, tmp_path):
             img.write(0, b"x")
     with pytest.raises(client.ForbiddenError):
         client.ImageClient(server.tls_url + "no-such-session", cafile=server.cert)
+
+
+def read_calls():
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("syscr:")).split()[1])
+
+
+def test_https_reads_take_what_the_socket_holds(server, tmp_path):
+    # A buffer under the TLS connection (imaged.tls.ReadBuffer): without it
+    # Python's ssl reads every 16 KiB record with two read() calls, ~1,000
+    # for 8 MiB.
+    path = str(tmp_path / "img.raw")
+    fill_random(path, 8 * MiB, seed=5)
+    url = server.tls_url + server.add_session(path)
+    with client.ImageClient(url, cafile=server.cert, use_unix_socket=False) as img:
+        img.read(0, 4096)
+        before = read_calls()
+        data = img.read(0, 8 * MiB)
+        calls = read_calls() - before
+    with open(path, "rb") as f:
+        assert data == f.read()
+    assert calls < 300
