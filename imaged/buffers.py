@@ -76,6 +76,24 @@ class BufferPool:
                 _unmap(buf)
                 _unmap(own)
 
+    def get_spare(self, size):
+        """
+        One buffer of `size` bytes from the area, or None unless that
+        leaves at least half of the area free: for work worth doing only
+        with memory to spare (an NBD read-ahead), which must never push a
+        transfer out of the area. It is no borrower: the shares of the
+        transfers stay the same. Given back with put_spare().
+        """
+        n = _granules(size)
+        if (sum(self._free) - n) * 2 < len(self._free) or self._find(n) is None:
+            return None
+        return self._take(size)
+
+    def put_spare(self, buf):
+        """Give back a buffer of get_spare()."""
+        _, first, n, _ = self._lent.pop(id(buf))
+        self._free[first:first + n] = [True] * n
+
     @property
     def in_use_bytes(self):
         """Bytes of all buffers lent out, in the area or beyond it."""

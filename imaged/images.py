@@ -80,16 +80,22 @@ class Client:
 
     # Buffers, borrowed for one operation.
 
-    def buffers(self, count=2):
+    def buffers(self, count=2, need_bytes=None):
         """
         `count` aligned transfer buffers for the running operation, from
-        the service's budget; given back when the operation ends, so an
-        idle keep-alive connection holds no buffer memory.
+        the service's budget, no larger than `need_bytes` (if given) needs;
+        given back when the operation ends, so an idle keep-alive
+        connection holds no buffer memory.
         """
         pool = self._service.buffer_pool
         if self._buffers is None or len(self._buffers) < count:
             self.release_buffers()
-            self._buffers = pool.get(self._service.buffer_size, count)
+            size = self._service.buffer_size
+            if need_bytes is not None:
+                # A short read leaves the rest of the budget to others (and
+                # to the NBD read-ahead, which borrows idle buffers).
+                size = min(size, max(need_bytes, buffers.MIN_SIZE_BYTES))
+            self._buffers = pool.get(size, count)
         return [memoryview(b) for b in self._buffers[:count]]
 
     def release_buffers(self):
@@ -260,7 +266,7 @@ class Images:
             rmw_lock=session.rmw_lock,
             dirty=session.spec.get("dirty", False),
             timeout_s=session.inactivity_timeout or self.inactivity_timeout_s,
-            proxy=self.proxy)
+            proxy=self.proxy, spare_buffers=self.buffer_pool)
         backend = backends.open_backend(session.url, mode, options)
         if backend.capabilities.fixed_size and backend.size() < session.size:
             size = backend.size()
@@ -356,7 +362,8 @@ class Images:
         backend, runner, op = cm.__enter__()
         log.debug("session %s: READ offset=%d length=%d", session.name, offset, length)
         try:
-            gen = ops.read(backend, runner, op, offset, length, client.buffers)
+            gen = ops.read(backend, runner, op, offset, length,
+                           lambda need: client.buffers(need_bytes=need))
             first = next(gen, None)
         except BaseException as e:
             cm.__exit__(type(e), e, e.__traceback__)

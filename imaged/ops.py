@@ -97,9 +97,9 @@ def read(backend, runner, op, offset, length, lease):
     Yield the image bytes of [offset, offset + length) as memoryviews.
 
     A yielded view is valid until the next iteration. The next chunk is read
-    while the caller sends the current one. `lease()` returns the two
+    while the caller sends the current one. `lease(n)` returns the two
     transfer buffers; it is called only if the range is not all in what
-    the backend read ahead.
+    the backend read ahead, with the bytes left to read.
     """
     end = offset + length
 
@@ -148,7 +148,7 @@ def read(backend, runner, op, offset, length, lease):
         # Only now: a request answered from what the backend read ahead
         # (most of the NBD sparse download's) needs no transfer buffers,
         # and leasing them cost ~26 us a request (BufferPool.get + put).
-        buffers = lease()
+        buffers = lease(length)
         chunk = len(buffers[0])
         view = buffers[0][:min(chunk, length)]
         if getattr(backend, "cooperative", False):
@@ -158,6 +158,7 @@ def read(backend, runner, op, offset, length, lease):
             pending = _Ready(read_first(view)), view
         else:
             pending = runner.submit(read_first, view), view
+    settle = getattr(backend, "settle", None)
     pos, i = offset, 0
     try:
         while pending is not None:
@@ -171,6 +172,11 @@ def read(backend, runner, op, offset, length, lease):
             pos += count
             i = 1 - i
             if pos < end:
+                if settle is not None:
+                    # The next chunks are read in pool threads: work the
+                    # backend left on the event loop ends first.
+                    settle()
+                    settle = None
                 pending = submit(i, pos)
             elif read_ahead is not None:
                 # The backend may read what the client is likely to ask

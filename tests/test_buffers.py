@@ -96,3 +96,24 @@ def test_put_with_live_view_does_not_fail():
     pool.put(more)
     view[0] = 1
     view.release()
+
+
+def test_spare_buffers_only_while_half_the_area_is_free():
+    # Work worth doing only with memory to spare (the NBD read-ahead)
+    # borrows from the area, never beyond it, and never the memory a
+    # transfer would need: at most half the area.
+    pool = buffers.BufferPool(16 * MiB)
+    spare = [pool.get_spare(2 * MiB) for _ in range(5)]
+    assert sizes(spare[:4]) == [2 * MiB] * 4 and spare[4] is None
+    assert pool.allocations == 1 and pool.borrowers == 0
+    # A transfer still gets its buffers in the area, of the size that fits.
+    bufs = pool.get(8 * MiB)
+    assert sizes(bufs) == [4 * MiB, 4 * MiB] and pool.allocations == 1
+    pool.put(bufs)
+    for buf in spare[:4]:
+        pool.put_spare(buf)
+    assert pool.free_bytes == 16 * MiB and pool.in_use_bytes == 0
+    # A transfer using the area leaves nothing to spare.
+    bufs = pool.get(8 * MiB)
+    assert pool.get_spare(2 * MiB) is None
+    pool.put(bufs)

@@ -195,6 +195,9 @@ class OpenOptions(NamedTuple):
     timeout_s: Optional[float] = None
     # The config's `proxy` section, for the http backend.
     proxy: Optional[dict] = None
+    # The daemon's transfer buffers (imaged.buffers.BufferPool), which a
+    # backend may borrow from when they are idle (NBD read-ahead).
+    spare_buffers: object = None
 
 
 # URL scheme -> backend class.

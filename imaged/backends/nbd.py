@@ -45,12 +45,22 @@ A client downloading a sparse image asks for one data extent after
 another, and the NBD server's read of each (qemu-nbd with O_DIRECT: the
 disk's latency) used to start only when its request arrived. On a
 read-only export, read_ahead(offset) (called by the images service when a
-GET's last chunk has been read, before it is sent) looks up the next data
-extent after `offset` (in the list of data runs one block status request
-gave for a READ_AHEAD_WINDOW_BYTES window) and sends the NBD reads
-for its first READ_AHEAD_BYTES without waiting for them: the server reads
-the disk while imaged sends the current answer and the client asks for the
-next range. Meanwhile a watcher on the event loop takes in their replies
+GET's last chunk has been read, before it is sent) looks up the next
+READ_AHEAD_DEPTH data extents after `offset` (in the list of data runs one
+block status request gave for a READ_AHEAD_WINDOW_BYTES window) and keeps
+the NBD reads of their first READ_AHEAD_BYTES in flight without waiting
+for them: the server reads the disk while imaged sends the current answers
+and the client asks for the next ranges. One extent ahead was not enough:
+qemu-nbd with O_DIRECT takes ~2.6 ms to read one of the bench's 1.5 MiB
+extents, longer than imaged takes to send the one before, and the client
+waited 2.4 ms a request for the headers of its answer (1.7 ms with three
+ahead). The reads only go ahead while the client reads where expected: a
+GET anywhere else (random reads, or a client whose connections share the
+extents) drops them, and reading ahead stops until a GET starts where the
+backend would have read ahead (read_ahead keeps that guess, from the
+listed runs, without a request). Before, every such GET waited for a
+useless 2 MiB read: 4 KiB GETs at random offsets took 2.1 ms each instead
+of 0.55 (ovirt-imageio 0.4-0.5). Meanwhile a watcher on the event loop takes in their replies
 as they come (qemu-nbd can only get ~208 KiB ahead into a unix socket, its
 send buffer), so the loop receives them while it would otherwise wait for
 the client. A GET of that offset sends them from the read-ahead buffer
@@ -60,9 +70,10 @@ images service calls before it calls the backend in a pool thread). A
 read-only export cannot change under imaged (qemu-nbd --read-only, or a
 backup export of a point-in-time node), so data read a request early is
 the data the request would get; writable exports get no read-ahead.
-Memory: one read-ahead per backend (per client connection), plus the
-buffer of the previous one while read_ahead_view() lends it for sending,
-and at most READ_AHEAD_SLOTS buffers in the whole daemon, reused.
+Memory: the read-ahead buffers are the daemon's transfer buffers while
+they are idle (BufferPool.get_spare: at most half of the budget, never
+beyond it): a GET answered from a read-ahead leases no transfer buffers,
+so reading ahead costs no memory the daemon does not already have.
 Measured on the bench's sparse download (513 GETs of 64 KiB-3 MiB, busy
 2-core VM, docs/benchmarks.md): the NBD read of a GET's range took 1.8 ms
 of its ~5 ms before, 0.7-0.8 ms after; 1.37x main's throughput at 0.80x
@@ -110,16 +121,19 @@ KiB, MiB, GiB = 1024, 1024**2, 1024**3
 # several requests at once. See the module docstring.
 REQUEST_BYTES = 2 * MiB
 
-# Read-ahead (see the module docstring): at most this much of the next data
+# Read-ahead (see the module docstring): at most this much of each data
 # extent is read ahead (the bench's sparse image has extents of 64 KiB-3 MiB,
-# a GET each; a longer extent reads the rest when asked), at most this many
-# read-ahead buffers exist in the whole daemon (8 MiB), and the next data
+# a GET each; a longer extent reads the rest when asked), for at most this
+# many extents ahead, at most this many read-ahead buffers exist in the
+# whole daemon when it is used without the daemon's buffer pool, and the next data
 # extent is looked for this far after the end of a read, one block status
 # request per window (per GET it cost ~0.3 ms before the answer). 2 MiB, not
-# 4: a sparse download after a full NBD GET peaked at 63.8 MiB of RSS
+# 4 (measured with buffers of its own, one extent ahead): a sparse
+# download after a full NBD GET peaked at 63.8 MiB of RSS
 # instead of 67.9 (the limit is 64), and took 1.8-2.1 s against 1.7-1.9
 # (1 MiB: 61.7 MiB, 1.9-2.2 s; 3 alternating rounds each, 2026-11-30).
 READ_AHEAD_BYTES = 2 * MiB
+READ_AHEAD_DEPTH = 3
 READ_AHEAD_SLOTS = 4
 READ_AHEAD_WINDOW_BYTES = 256 * MiB
 
@@ -193,10 +207,10 @@ class NbdBackend:
             raise errors.BadRequest(f"invalid url: {e}") from None
         timeout_s = options.timeout_s or DEFAULT_TIMEOUT_S
         return cls(address, mode, sparse=options.sparse, dirty=options.dirty,
-                   timeout_s=timeout_s)
+                   timeout_s=timeout_s, spare_buffers=options.spare_buffers)
 
     def __init__(self, address, mode="r", *, sparse=False, dirty=False,
-                 timeout_s=DEFAULT_TIMEOUT_S):
+                 timeout_s=DEFAULT_TIMEOUT_S, spare_buffers=None):
         if mode not in ("r", "rw"):
             raise errors.BadRequest(f"Invalid mode {mode!r}, expected 'r' or 'rw'")
         if libnbd is None:
@@ -209,16 +223,27 @@ class NbdBackend:
         self._dirty = dirty
         self._timeout_s = timeout_s
         self._h = None
+        # Where read-ahead buffers come from: the daemon's idle transfer
+        # buffers, or buffers of this module's own (a backend used alone).
+        self._buffers = _AheadBuffers.of(spare_buffers)
         # Writes acknowledged since the last flush, and whether such writes
         # were on a connection that was lost (see the module docstring).
         self._unflushed = False
         self._lost_writes = False
         self._no_fast_zero = False
-        # (offset, length, buffer, cookies) of the reads sent by
-        # read_ahead(), not yet taken in.
-        self._ahead = None
-        # The watcher taking in the read-ahead's replies (_start_drain).
+        # The read-aheads sent and not yet taken in, oldest first: lists
+        # [start, length, buffer, cookies not yet retired].
+        self._ahead = []
+        # Where the run of the newest read-ahead ends: the next one looks
+        # for data from there.
+        self._ahead_end = 0
+        # The watcher taking in the read-aheads' replies (_start_drain).
         self._drain = None
+        self._drain_callback = None
+        # Where the client's next GET is expected to start, and whether
+        # the last GET started elsewhere (see _follow).
+        self._expected = None
+        self._missed = False
         # The read-ahead buffer lent by read_ahead_view().
         self._held = None
         # The data runs of the last window looked up for read-ahead, and
@@ -328,64 +353,85 @@ class NbdBackend:
         done = self._take_ahead(offset, mv[:count])
         h = self._handle()
         if count > done:
-            with self._reporting("read", offset + done):
+            with self._reporting("read", offset + done), self._drain_paused():
                 self._pipelined(h, h.aio_pread, mv[done:count], offset + done)
         return count
 
     def read_ahead(self, offset):
         """
-        A hint: the client is likely to read the next data extent after
+        A hint: the client is likely to read the next data extents after
         `offset` next. On a read-only export, called in a greenlet of the
-        event loop, send the NBD reads of its first READ_AHEAD_BYTES now
-        and return without waiting for them (see the module docstring).
-        Never raises: a failed read-ahead only costs the read it saved.
+        event loop, keep the reads of the next READ_AHEAD_DEPTH data
+        extents (their first READ_AHEAD_BYTES each) in flight and return
+        without waiting for them (see the module docstring). Never
+        raises: a failed read-ahead only costs the read it saved.
         """
-        if not self._read_only_export or self._ahead is not None \
-                or self._h is None or offset >= self._size or _on_loop() is None:
+        if not self._read_only_export or self._h is None or _on_loop() is None:
             return
-        buf = _ahead_buffers.get()
+        if self._missed:
+            # Reads ahead only once the client reads in order again: a
+            # guess that needs no request to the server.
+            self._expected = self._cached_next_data(offset)
+            return
+        if not self._ahead:
+            self._ahead_end = offset
+        while len(self._ahead) < READ_AHEAD_DEPTH and self._ahead_end < self._size:
+            if not self._send_ahead(self._h):
+                break
+        self._expected = self._ahead[0][0] if self._ahead else None
+
+    def _send_ahead(self, h):
+        """Send the reads of the next data extent after _ahead_end; False
+        if there is none or no buffer is free."""
+        buf = self._buffers.get()
         if buf is None:
-            return
-        h = self._h
+            return False
         cookies = []
         found = None
         try:
-            with self._reporting("block status", offset):
-                found = self._next_data(h, offset)
+            with self._reporting("block status", self._ahead_end), self._drain_paused():
+                found = self._next_data(h, self._ahead_end)
             if found is not None:
-                start, length = found
-                length = min(length, len(buf))
+                start, run = found
+                length = min(run, len(buf))
                 step = self._max_request
                 with self._reporting("read", start):
                     for pos in range(0, length, step):
                         cookies.append(h.aio_pread(
                             buf[pos:min(pos + step, length)], start + pos))
+                self._ahead_end = start + run
         except errors.StorageError as e:
-            log.debug("NBD read-ahead at %d failed: %s", offset, e)
+            log.debug("NBD read-ahead at %d failed: %s", self._ahead_end, e)
             found = None
         finally:
             if cookies:
                 # Sent reads write into `buf`: it is given back only once
-                # they are done (_take_ahead), whatever happened here.
-                self._ahead = (start, length, buf, cookies) if found else \
-                    (-1, 0, buf, cookies)
+                # they are done (_settle_ahead), whatever happened here.
+                self._ahead.append([start, length, buf, cookies] if found else
+                                   [-1, 0, buf, cookies])
                 self._start_drain(h)
             else:
-                _ahead_buffers.put(buf)
+                self._buffers.put(buf)
+        return found is not None
 
     def settle(self):
         """
-        Take in a read-ahead (see read_ahead). Call it in the event loop's
-        thread before calling the backend in another thread.
+        Take in the read-aheads (see read_ahead). Call it in the event
+        loop's thread before calling the backend in another thread.
         """
         self._take_ahead()
 
     def _start_drain(self, h):
         """
-        Receive the read-ahead's replies whenever the NBD socket is
+        Receive the read-aheads' replies whenever the NBD socket is
         readable, from the event loop (a callback, no greenlet), until no
-        command is in flight. Stopped by _take_ahead.
+        command is in flight. Paused while a call waits for the server
+        (_drain_paused), stopped by _settle_ahead.
         """
+        if self._drain is not None:
+            if not self._drain.active:
+                self._drain.start(self._drain_callback)
+            return
         watcher = _on_loop().loop.io(h.aio_get_fd(), 1)
 
         def readable():
@@ -400,8 +446,27 @@ class NbdBackend:
             if done:
                 watcher.stop()
 
+        self._drain_callback = readable
         watcher.start(readable)
         self._drain = watcher
+
+    @contextlib.contextmanager
+    def _drain_paused(self):
+        """
+        A wait for the server on the loop must see every reply itself: the
+        drain, taking one in first, would leave it waiting for a socket
+        that has nothing more to say.
+        """
+        drain = self._drain
+        if drain is None or not drain.active:
+            yield
+            return
+        drain.stop()
+        try:
+            yield
+        finally:
+            if self._drain is drain and self._h is not None and self._ahead:
+                drain.start(self._drain_callback)
 
     def write(self, offset, buf):
         """Write all of `buf` at `offset`; never past the end of the export."""
@@ -525,12 +590,28 @@ class NbdBackend:
         download, busy 2-core VM). The export is read-only: the list stays
         true.
         """
+        found = self._listed_next_data(offset)
+        if found is False:
+            self._runs = self._data_runs(h, offset)
+            found = self._listed_next_data(offset, listed=True)
+        return found
+
+    def _cached_next_data(self, offset):
+        """Where the next data at or after `offset` starts, from the window
+        looked up last, or `offset` itself outside it: a guess, no request."""
+        found = self._listed_next_data(offset)
+        if found is False:
+            return offset
+        return None if found is None else found[0]
+
+    def _listed_next_data(self, offset, listed=False):
+        """_next_data from the window looked up last: False if `offset` is
+        outside it, unless the window was just `listed` from `offset`."""
         runs, covered = self._runs
-        if offset >= covered or offset < (runs[0][0] if runs else covered):
-            runs, covered = self._data_runs(h, offset)
+        if not listed and (offset >= covered or offset < (runs[0][0] if runs else covered)):
+            return False
         while runs and runs[0][0] + runs[0][1] <= offset:
             runs.pop(0)
-        self._runs = runs, covered
         if not runs:
             return None
         start, length = runs[0]
@@ -567,82 +648,115 @@ class NbdBackend:
             pos += length
         return runs, pos
 
-    def _settle_ahead(self):
+    def _follow(self, offset):
         """
-        Take in the reads sent by read_ahead(), if any: (start, length,
-        buffer) of what they read, the buffer now the caller's to give back
-        (_ahead_buffers.put). None if there were none, or if they failed:
-        that is logged and not the caller's failure (it reads, or fails,
-        for itself), and their buffer is given back.
+        Note where a GET starts: a client that does not read where the
+        read-ahead expected (several connections sharing the extents, or
+        random reads) would make every request wait for reads it does not
+        want, so reading ahead stops until a GET starts where expected
+        again (read_ahead keeps guessing, from what it knows).
         """
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
+        if self._expected is not None:
+            self._missed = offset != self._expected
+            if self._missed:
+                self._settle_ahead()
+        self._expected = None
+
+    def _settle_ahead(self, offset=None):
+        """
+        Take in read-aheads: the oldest one if it read at `offset` (the
+        others stay in flight), else all of them. Returns (start, length,
+        buffer) of the one at `offset`, the buffer now the caller's to give
+        back (self._buffers.put), or None. A failed read-ahead is logged
+        and not the caller's failure (it reads, or fails, for itself).
+        """
+        if not self._ahead:
             return None
-        drain, self._drain = self._drain, None
-        if drain is not None:
-            if _on_loop() is None:
-                # Not called in the loop's thread, where the watcher
-                # lives: it could take in a reply this thread then waits
-                # for in poll(). Dropping the connection ends its reads
-                # (settle() avoids this; it is a fallback).
-                log.debug("NBD read-ahead taken in off the event loop")
-                self._drop()
-            else:
+        if offset is not None and self._ahead[0][0] == offset and _on_loop() is not None:
+            taken = [self._ahead.pop(0)]
+        else:
+            taken, self._ahead = self._ahead, []
+        if not self._ahead and self._drain is not None:
+            drain, self._drain = self._drain, None
+            if _on_loop() is not None:
                 drain.stop()
                 drain.close()
-        start, length, buf, cookies = ahead
-        settled = ok = False
+        if _on_loop() is None:
+            # Not called in the loop's thread, where the watcher lives: it
+            # could take in a reply this thread then waits for in poll().
+            # Dropping the connection ends their reads (settle() avoids
+            # this; it is a fallback).
+            log.debug("NBD read-ahead taken in off the event loop")
+            if self._h is not None:
+                self._drop()
+        got = None
+        for start, length, buf, cookies in taken:
+            ok = self._wait_ahead(start, cookies)
+            if ok and start == offset:
+                got = start, length, buf
+            else:
+                self._buffers.put(buf)
+        return got
+
+    def _wait_ahead(self, start, cookies):
+        """Wait for the reads of one read-ahead; True if they all read."""
+        settled = False
         try:
             if self._h is None:
-                return None
-            with self._reporting("read", start):
+                settled = True
+                return False
+            with self._reporting("read", start), self._drain_paused():
                 self._wait(self._h, *cookies)
-            settled = ok = True
-            return start, length, buf
+            settled = True
+            return start >= 0
         except errors.StorageError as e:
             # A dead or stuck connection was dropped (_reporting).
             settled = True
             log.debug("NBD read-ahead at %d failed: %s", start, e)
-            return None
+            return False
         finally:
             if not settled and self._h is not None:
                 # Interrupted (the request was canceled): the reads in
-                # flight would still write into `buf` once the handle is
-                # polled again, after another backend got the buffer.
+                # flight would still write into the buffer once the handle
+                # is polled again, after another backend got it.
                 self._drop()
-            if not ok:
-                _ahead_buffers.put(buf)
 
     def _take_ahead(self, offset=None, mv=None):
         """
-        Take in a read-ahead (_settle_ahead) and give its buffer back. If
-        it read at `offset`, copy what it read into `mv` and return how
-        many bytes; else 0.
+        Take in the read-ahead at `offset` and copy what it read into `mv`
+        (returns how many bytes; else 0). On the event loop the other
+        read-aheads stay in flight; elsewhere, or with no `offset`, all are
+        taken in.
         """
-        got = self._settle_ahead()
+        if offset is not None and _on_loop() is not None and \
+                not (self._ahead and self._ahead[0][0] == offset):
+            return 0
+        got = self._settle_ahead(offset)
         if got is None:
             return 0
         start, length, buf = got
         try:
-            if start != offset or mv is None:
+            if mv is None:
                 return 0
             n = min(length, len(mv))
             mv[:n] = buf[:n]
             return n
         finally:
-            _ahead_buffers.put(buf)
+            self._buffers.put(buf)
 
     def read_ahead_view(self, offset, length):
         """
-        If a read-ahead read at `offset`: a view of up to `length` bytes
-        of what it read, valid until release_ahead(); else None (and the
-        read-ahead is left to the next call). Saves the copy readinto()
+        Called as a GET of [offset, offset + length) starts. If a
+        read-ahead read at `offset`: a view of up to `length` bytes of
+        what it read, valid until release_ahead(); else None (and the
+        read-aheads are left to the next call). Saves the copy readinto()
         makes: ~0.1 ms per request of the sparse download, 10% of
         imaged's Python samples (py-spy) with the copy.
         """
-        if self._ahead is None or self._ahead[0] != offset:
+        self._follow(offset)
+        if not self._ahead or self._ahead[0][0] != offset:
             return None
-        got = self._settle_ahead()
+        got = self._settle_ahead(offset)
         if got is None:
             return None
         start, n, buf = got
@@ -654,7 +768,7 @@ class NbdBackend:
         """Give back the buffer of read_ahead_view()."""
         buf, self._held = self._held, None
         if buf is not None:
-            _ahead_buffers.put(buf)
+            self._buffers.put(buf)
 
     # Requests
 
@@ -798,10 +912,17 @@ class NbdBackend:
 
 class _AheadBuffers:
     """
-    The read-ahead buffers of the daemon: at most READ_AHEAD_SLOTS, made on
-    first use and kept for reuse (a new 2 MiB buffer per request would be
-    faulted in every time).
+    Read-ahead buffers of this module's own, for backends used without the
+    daemon's buffer pool: at most READ_AHEAD_SLOTS, made on first use and
+    kept for reuse (a new 2 MiB buffer per request would be faulted in
+    every time).
     """
+
+    @staticmethod
+    def of(pool):
+        """Read-ahead buffers from `pool` (a BufferPool), or this module's
+        own if None."""
+        return _ahead_buffers if pool is None else _SpareBuffers(pool)
 
     def __init__(self, slots, size):
         self._slots = slots
@@ -823,6 +944,32 @@ class _AheadBuffers:
 
 
 _ahead_buffers = _AheadBuffers(READ_AHEAD_SLOTS, READ_AHEAD_BYTES)
+
+
+class _SpareBuffers:
+    """
+    Read-ahead buffers borrowed from the daemon's transfer buffers while
+    they have room to spare (BufferPool.get_spare): a GET answered from a
+    read-ahead needs no transfer buffers of its own, so a sparse download
+    reads ahead in memory the daemon already has, and its peak RSS does
+    not grow with READ_AHEAD_DEPTH. The pool is the event loop's: buffers
+    are taken there (read_ahead), and one given back elsewhere (a
+    fallback, see _settle_ahead) goes back through the loop.
+    """
+
+    def __init__(self, pool):
+        self._pool = pool
+        self._hub = None
+
+    def get(self):
+        self._hub = _on_loop()
+        return self._pool.get_spare(READ_AHEAD_BYTES)
+
+    def put(self, buf):
+        if _on_loop() is None and self._hub is not None:
+            self._hub.loop.run_callback_threadsafe(self._pool.put_spare, buf)
+        else:
+            self._pool.put_spare(buf)
 
 
 def _grow_socket_buffers(h):

@@ -456,7 +456,7 @@ def test_read_ahead(qemu_nbd, chain, ahead_buffers):
         # After [64 KiB, 2 MiB) the next data is at 4 MiB (CHAIN_EXTENTS):
         # its first 256 KiB (the buffer) are read ahead.
         on_loop(b.read_ahead, 2 * MiB)
-        assert b._ahead[:2] == (4 * MiB, 256 * KiB)
+        assert b._ahead[0][:2] == [4 * MiB, 256 * KiB]
         # The loop takes the replies in while this greenlet does other
         # things (a watcher, no call into the backend).
         deadline = time.monotonic() + 5
@@ -465,21 +465,21 @@ def test_read_ahead(qemu_nbd, chain, ahead_buffers):
         assert not b._h.aio_in_flight()
         # The daemon's only buffer is taken: no read-ahead for another.
         on_loop(other.read_ahead, 2 * MiB)
-        assert other._ahead is None
+        assert not other._ahead
         # A read of the whole extent: the read-ahead, then the rest.
         buf = bytearray(MiB)
         assert on_loop(b.readinto, 4 * MiB, buf) == MiB
         assert buf == content[4 * MiB:5 * MiB]
-        assert b._ahead is None and len(ahead_buffers._free) == 1
+        assert not b._ahead and len(ahead_buffers._free) == 1
         # Inside a data extent, the read-ahead starts where the read ended.
         on_loop(b.read_ahead, 4 * MiB + 100)
-        assert b._ahead[:2] == (4 * MiB + 100, 256 * KiB)
+        assert b._ahead[0][:2] == [4 * MiB + 100, 256 * KiB]
         buf = bytearray(10)
         assert on_loop(b.readinto, 4 * MiB + 100, buf) == 10
         assert buf == content[4 * MiB + 100:4 * MiB + 110]
         # Nothing after 5 MiB but holes: nothing to read ahead.
         on_loop(b.read_ahead, 5 * MiB)
-        assert b._ahead is None and len(ahead_buffers._free) == 1
+        assert not b._ahead and len(ahead_buffers._free) == 1
     finally:
         b.close()
         other.close()
@@ -493,18 +493,24 @@ def test_read_ahead_not_asked_for(qemu_nbd, chain, ahead_buffers):
     b = open_nbd(qemu_nbd(top, read_only=True).url(), "r")
     try:
         on_loop(b.read_ahead, 0)
-        assert b._ahead[:2] == (64 * KiB, 256 * KiB)
+        assert b._ahead[0][:2] == [64 * KiB, 256 * KiB]
+        # A read elsewhere on the loop leaves it in flight.
         buf = bytearray(100 * KiB)
         assert on_loop(b.readinto, 64 * KiB + 1, buf) == len(buf)
         assert buf == content[64 * KiB + 1:164 * KiB + 1]
-        assert b._ahead is None and len(ahead_buffers._free) == 1
+        assert b._ahead[0][:2] == [64 * KiB, 256 * KiB]
+        # Off the loop (after settle(), as the service calls it) too.
+        on_loop(b.settle)
+        assert gevent.get_hub().threadpool.apply(b.readinto, (64 * KiB + 1, buf)) == len(buf)
+        assert buf == content[64 * KiB + 1:164 * KiB + 1]
+        assert not b._ahead and len(ahead_buffers._free) == 1
         on_loop(b.read_ahead, 0)
         assert as_tuples(on_loop(lambda: list(b.extents()))) == CHAIN_EXTENTS
-        assert b._ahead is None
+        assert not b._ahead
         on_loop(b.read_ahead, 0)
     finally:
         b.close()
-    assert b._ahead is None and len(ahead_buffers._free) == 1
+    assert not b._ahead and len(ahead_buffers._free) == 1
 
 
 def test_no_read_ahead(qemu_nbd, chain, ahead_buffers):
@@ -515,11 +521,11 @@ def test_no_read_ahead(qemu_nbd, chain, ahead_buffers):
     server = qemu_nbd(top)
     with open_nbd(server.url(), "r") as b:
         on_loop(b.read_ahead, 0)
-        assert b._ahead is None
+        assert not b._ahead
     server.stop()   # It holds the image's write lock.
     with open_nbd(qemu_nbd(top, read_only=True).url(), "r") as b:
         gevent.get_hub().threadpool.apply(b.read_ahead, (0,))
-        assert b._ahead is None
+        assert not b._ahead
     assert len(ahead_buffers._free) <= 1
 
 
@@ -535,7 +541,7 @@ def test_read_ahead_server_killed(qemu_nbd, chain, ahead_buffers):
         with pytest.raises(errors.StorageError):
             on_loop(b.readinto, 64 * KiB, bytearray(MiB))
         assert time.monotonic() - start < 2
-        assert b._ahead is None and len(ahead_buffers._free) == 1
+        assert not b._ahead and len(ahead_buffers._free) == 1
     finally:
         b.close()
 
@@ -555,7 +561,7 @@ def test_read_ahead_server_hangs(qemu_nbd, chain, ahead_buffers):
             on_loop(b.readinto, 4 * MiB + 512 * KiB, bytearray(MiB // 2))
         assert time.monotonic() - start < 3
         assert "within 0.5 s" in e.value.message
-        assert b._ahead is None and len(ahead_buffers._free) == 1
+        assert not b._ahead and len(ahead_buffers._free) == 1
         server.kill(signal.SIGCONT)
         buf = bytearray(MiB // 2)
         assert on_loop(b.readinto, 4 * MiB + 512 * KiB, buf) == len(buf)
@@ -574,8 +580,8 @@ def test_read_from_read_ahead_leases_no_buffers(qemu_nbd, chain, ahead_buffers):
     b = open_nbd(qemu_nbd(top, read_only=True).url(), "r")
     leases = []
 
-    def lease():
-        leases.append(1)
+    def lease(need):
+        leases.append(need)
         return [memoryview(bytearray(MiB)), memoryview(bytearray(MiB))]
 
     def read(offset, length):
@@ -592,7 +598,7 @@ def test_read_from_read_ahead_leases_no_buffers(qemu_nbd, chain, ahead_buffers):
         # before): the buffers are leased.
         assert read(4 * MiB + 100 * KiB, 300 * KiB) == \
             content[4 * MiB + 100 * KiB:4 * MiB + 400 * KiB]
-        assert leases == [1]
+        assert leases == [300 * KiB]
     finally:
         b.close()
 
@@ -607,11 +613,10 @@ def test_read_ahead_view(qemu_nbd, chain, monkeypatch):
     b = open_nbd(qemu_nbd(top, read_only=True).url(), "r")
     try:
         on_loop(b.read_ahead, 2 * MiB)
-        assert on_loop(b.read_ahead_view, 4 * MiB + 1, MiB) is None
         view = on_loop(b.read_ahead_view, 4 * MiB, 100 * KiB)
         assert bytes(view) == content[4 * MiB:4 * MiB + 100 * KiB]
         on_loop(b.read_ahead, 4 * MiB + 100 * KiB)
-        assert b._ahead[:2] == (4 * MiB + 100 * KiB, 256 * KiB)
+        assert b._ahead[0][:2] == [4 * MiB + 100 * KiB, 256 * KiB]
         # Still the same bytes: the second read-ahead has its own buffer.
         assert bytes(view) == content[4 * MiB:4 * MiB + 100 * KiB]
         b.release_ahead()
@@ -619,5 +624,56 @@ def test_read_ahead_view(qemu_nbd, chain, monkeypatch):
         assert on_loop(b.readinto, 4 * MiB + 100 * KiB, buf) == len(buf)
         assert buf == content[4 * MiB + 100 * KiB:4 * MiB + 400 * KiB]
         assert len(pool._free) == 2
+    finally:
+        b.close()
+
+
+def test_read_ahead_follows_the_client(qemu_nbd, chain, monkeypatch):
+    # The next READ_AHEAD_DEPTH data extents are read ahead while the
+    # client reads where expected; a GET elsewhere (random reads, or
+    # several connections sharing the extents) ends it, and it starts
+    # again once a GET starts where the backend would have read ahead.
+    pool = nbd_backend._AheadBuffers(3, 256 * KiB)
+    monkeypatch.setattr(nbd_backend, "_ahead_buffers", pool)
+    top, _, _ = chain
+    content = guest_bytes(top)
+    b = open_nbd(qemu_nbd(top, read_only=True).url(), "r")
+    try:
+        # Data at [64 KiB, 2 MiB) and [4 MiB, 5 MiB) (CHAIN_EXTENTS).
+        on_loop(b.read_ahead, 0)
+        assert [e[:2] for e in b._ahead] == [[64 * KiB, 256 * KiB], [4 * MiB, 256 * KiB]]
+        view = on_loop(b.read_ahead_view, 64 * KiB, 10)
+        assert bytes(view) == content[64 * KiB:64 * KiB + 10]
+        b.release_ahead()
+        on_loop(b.read_ahead, 64 * KiB + 10)
+        assert [e[:2] for e in b._ahead] == [[4 * MiB, 256 * KiB]]
+        # A GET elsewhere: what was read ahead is dropped, and no more is.
+        assert on_loop(b.read_ahead_view, 100 * KiB, 10) is None
+        assert not b._ahead and len(pool._free) == 3
+        on_loop(b.read_ahead, 100 * KiB + 10)
+        assert not b._ahead
+        # The next GET starts where a read-ahead would have: it starts again.
+        assert on_loop(b.read_ahead_view, 100 * KiB + 10, 10) is None
+        on_loop(b.read_ahead, 100 * KiB + 20)
+        assert [e[:2] for e in b._ahead] == [[100 * KiB + 20, 256 * KiB],
+                                             [4 * MiB, 256 * KiB]]
+        # A GET from the first read-ahead on, longer than what it read and
+        # than a transfer buffer: the rest is read in pool threads, after
+        # the other read-ahead was taken in on the loop (the connection is
+        # kept).
+        h = b._h
+        op = sessions.Operation("read", 100 * KiB + 20, MiB)
+        runner = ops.Runner(gevent.lock.BoundedSemaphore(2))
+
+        def lease(need):
+            return [memoryview(bytearray(256 * KiB)), memoryview(bytearray(256 * KiB))]
+
+        got = on_loop(lambda: b"".join(
+            bytes(v) for v in ops.read(b, runner, op, 100 * KiB + 20, MiB, lease)))
+        assert got == content[100 * KiB + 20:1124 * KiB + 20]
+        assert b._h is h
+        # And the next extents are read ahead again.
+        assert [e[:2] for e in b._ahead] == [[1124 * KiB + 20, 256 * KiB],
+                                             [4 * MiB, 256 * KiB]]
     finally:
         b.close()
