@@ -93,8 +93,11 @@ class Client:
             size = self._service.buffer_size
             if need_bytes is not None:
                 # A short read leaves the rest of the budget to others (and
-                # to the NBD read-ahead, which borrows idle buffers).
-                size = min(size, max(need_bytes, buffers.MIN_SIZE_BYTES))
+                # to the NBD read-ahead, which borrows idle buffers). A
+                # power of two, as the buffer size is: chunks after the
+                # first start aligned for O_DIRECT.
+                need = max(need_bytes, buffers.MIN_SIZE_BYTES)
+                size = min(size, 1 << (need - 1).bit_length())
             self._buffers = pool.get(size, count)
         return [memoryview(b) for b in self._buffers[:count]]
 

@@ -99,6 +99,35 @@ def test_read_streams_the_range_and_ends_the_operation(service, registry, image)
     assert service.buffer_pool.in_use_bytes == 0
 
 
+def test_a_read_leases_what_its_range_needs(registry, image):
+    # A short range leaves the rest of the budget to other transfers (and
+    # to the NBD read-ahead); sizes stay powers of two, so the chunks
+    # after the first start aligned for O_DIRECT.
+    cfg = config.validate({
+        "listeners": [{"name": "t", "kind": "tcp", "host": "127.0.0.1", "port": 0,
+                       "apps": ["images"]}],
+        "images": {"buffer_size_bytes": 8 * MiB, "buffer_budget_bytes": 16 * MiB},
+    })
+    service = images.Images(registry, cfg, unix_socket="/run/test.sock")
+    path, data = image
+    sid = add(registry, path)
+    for length, leased in [(1000, 2 * MiB), (MiB - 10, 2 * MiB)]:
+        client, _ = client_of(service)
+        session = service.session(sid, "read", client)
+        chunks = service.read(session, 10, length, client)
+        assert service.buffer_pool.in_use_bytes == leased
+        assert b"".join(bytes(c) for c in chunks) == data[10:10 + length]
+        chunks.close()
+    client, _ = client_of(service)
+    assert [len(b) for b in client.buffers(need_bytes=3 * MiB + 1)] == [4 * MiB] * 2
+    client.release_buffers()
+    assert [len(b) for b in client.buffers(need_bytes=100 * MiB)] == [8 * MiB] * 2
+    client.release_buffers()
+    assert [len(b) for b in client.buffers()] == [8 * MiB] * 2
+    client.release_buffers()
+    assert service.buffer_pool.in_use_bytes == 0
+
+
 def test_write_from_a_plain_reader(service, registry, image):
     path, data = image
     sid = add(registry, path)
