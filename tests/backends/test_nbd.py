@@ -603,14 +603,19 @@ def test_read_from_read_ahead_leases_no_buffers(qemu_nbd, chain, ahead_buffers):
         b.close()
 
 
+def read_only_backend(monkeypatch, qemu_nbd, chain, buffers):
+    """(the backend's read-ahead buffers, the chain's guest bytes, a
+    backend of a read-only export of the chain): `buffers` of 256 KiB."""
+    pool = nbd_backend._AheadBuffers(buffers, 256 * KiB)
+    monkeypatch.setattr(nbd_backend, "_ahead_buffers", pool)
+    top, _, _ = chain
+    return pool, guest_bytes(top), open_nbd(qemu_nbd(top, read_only=True).url(), "r")
+
+
 def test_read_ahead_view(qemu_nbd, chain, monkeypatch):
     # What was read ahead, lent without a copy until given back; the next
     # read-ahead meanwhile takes another buffer.
-    pool = nbd_backend._AheadBuffers(2, 256 * KiB)
-    monkeypatch.setattr(nbd_backend, "_ahead_buffers", pool)
-    top, _, _ = chain
-    content = guest_bytes(top)
-    b = open_nbd(qemu_nbd(top, read_only=True).url(), "r")
+    pool, content, b = read_only_backend(monkeypatch, qemu_nbd, chain, 2)
     try:
         on_loop(b.read_ahead, 2 * MiB)
         view = on_loop(b.read_ahead_view, 4 * MiB, 100 * KiB)
@@ -633,11 +638,7 @@ def test_read_ahead_follows_the_client(qemu_nbd, chain, monkeypatch):
     # client reads where expected; a GET elsewhere (random reads, or
     # several connections sharing the extents) ends it, and it starts
     # again once a GET starts where the backend would have read ahead.
-    pool = nbd_backend._AheadBuffers(3, 256 * KiB)
-    monkeypatch.setattr(nbd_backend, "_ahead_buffers", pool)
-    top, _, _ = chain
-    content = guest_bytes(top)
-    b = open_nbd(qemu_nbd(top, read_only=True).url(), "r")
+    pool, content, b = read_only_backend(monkeypatch, qemu_nbd, chain, 3)
     try:
         # Data at [64 KiB, 2 MiB) and [4 MiB, 5 MiB) (CHAIN_EXTENTS).
         on_loop(b.read_ahead, 0)
