@@ -101,8 +101,9 @@ def test_read_streams_the_range_and_ends_the_operation(service, registry, image)
 
 def test_a_read_leases_what_its_range_needs(registry, image):
     # A short range leaves the rest of the budget to other transfers (and
-    # to the NBD read-ahead); sizes stay powers of two, so the chunks
-    # after the first start aligned for O_DIRECT.
+    # to the NBD read-ahead): one buffer if the range fits in it; sizes
+    # stay powers of two, so the chunks after the first start aligned for
+    # O_DIRECT.
     cfg = config.validate({
         "listeners": [{"name": "t", "kind": "tcp", "host": "127.0.0.1", "port": 0,
                        "apps": ["images"]}],
@@ -111,7 +112,7 @@ def test_a_read_leases_what_its_range_needs(registry, image):
     service = images.Images(registry, cfg, unix_socket="/run/test.sock")
     path, data = image
     sid = add(registry, path)
-    for length, leased in [(1000, 2 * MiB), (MiB - 10, 2 * MiB)]:
+    for length, leased in [(1000, MiB), (MiB - 10, MiB)]:
         client, _ = client_of(service)
         session = service.session(sid, "read", client)
         chunks = service.read(session, 10, length, client)
@@ -119,8 +120,17 @@ def test_a_read_leases_what_its_range_needs(registry, image):
         assert b"".join(bytes(c) for c in chunks) == data[10:10 + length]
         chunks.close()
     client, _ = client_of(service)
-    assert [len(b) for b in client.buffers(need_bytes=3 * MiB + 1)] == [4 * MiB] * 2
+    assert [len(b) for b in client.buffers(need_bytes=3 * MiB + 1)] == [4 * MiB]
     client.release_buffers()
+    assert [len(b) for b in client.buffers(need_bytes=8 * MiB)] == [8 * MiB]
+    client.release_buffers()
+    # Two transfers hold the whole budget: a third gets what is left,
+    # two buffers if one is too small for its range.
+    others = [service.buffer_pool.get(8 * MiB, 1), service.buffer_pool.get(8 * MiB, 1)]
+    assert [len(b) for b in client.buffers(need_bytes=2 * MiB)] == [MiB, MiB]
+    client.release_buffers()
+    for bufs in others:
+        service.buffer_pool.put(bufs)
     assert [len(b) for b in client.buffers(need_bytes=100 * MiB)] == [8 * MiB] * 2
     client.release_buffers()
     assert [len(b) for b in client.buffers()] == [8 * MiB] * 2
