@@ -237,9 +237,8 @@ class NbdBackend:
         # Where the run of the newest read-ahead ends: the next one looks
         # for data from there.
         self._ahead_end = 0
-        # The watcher taking in the read-aheads' replies (_start_drain).
+        # What takes in the read-aheads' replies (_start_drain).
         self._drain = None
-        self._drain_callback = None
         # Where the client's next GET is expected to start, and whether
         # the last GET started elsewhere (see _follow).
         self._expected = None
@@ -404,13 +403,14 @@ class NbdBackend:
             log.debug("NBD read-ahead at %d failed: %s", self._ahead_end, e)
             found = None
         finally:
-            if cookies:
+            if cookies and self._h is h:
                 # Sent reads write into `buf`: it is given back only once
                 # they are done (_settle_ahead), whatever happened here.
                 self._ahead.append([start, length, buf, cookies] if found else
                                    [-1, 0, buf, cookies])
                 self._start_drain(h)
             else:
+                # None sent, or the connection was dropped with them.
                 self._buffers.put(buf)
         return found is not None
 
@@ -424,31 +424,21 @@ class NbdBackend:
     def _start_drain(self, h):
         """
         Receive the read-aheads' replies whenever the NBD socket is
-        readable, from the event loop (a callback, no greenlet), until no
-        command is in flight. Paused while a call waits for the server
-        (_drain_paused), stopped by _settle_ahead.
+        readable, from the event loop (_Drain), until no command is in
+        flight. Paused while a call waits for the server (_drain_paused),
+        ended by _settle_ahead and _drop.
         """
-        if self._drain is not None:
-            if not self._drain.active:
-                self._drain.start(self._drain_callback)
+        if self._drain is not None and self._drain.handle is h:
+            self._drain.resume()
             return
-        watcher = _on_loop().loop.io(h.aio_get_fd(), 1)
+        self._end_drain()
+        self._drain = _Drain(h)
 
-        def readable():
-            try:
-                h.aio_notify_read()
-                done = not h.aio_in_flight() or h.aio_is_dead() or h.aio_is_closed()
-            except Exception:
-                # A callback of the loop must not raise (it would be
-                # called again and again); the next call finds out what
-                # went wrong and reports it.
-                done = True
-            if done:
-                watcher.stop()
-
-        self._drain_callback = readable
-        watcher.start(readable)
-        self._drain = watcher
+    def _end_drain(self):
+        """Stop taking replies in (on the event loop's thread)."""
+        drain, self._drain = self._drain, None
+        if drain is not None:
+            drain.close()
 
     @contextlib.contextmanager
     def _drain_paused(self):
@@ -461,12 +451,12 @@ class NbdBackend:
         if drain is None or not drain.active:
             yield
             return
-        drain.stop()
+        drain.pause()
         try:
             yield
         finally:
-            if self._drain is drain and self._h is not None and self._ahead:
-                drain.start(self._drain_callback)
+            if self._drain is drain and self._h is drain.handle and self._ahead:
+                drain.resume()
 
     def write(self, offset, buf):
         """Write all of `buf` at `offset`; never past the end of the export."""
@@ -672,31 +662,67 @@ class NbdBackend:
         """
         if not self._ahead:
             return None
-        if offset is not None and self._ahead[0][0] == offset and _on_loop() is not None:
+        if _on_loop() is None:
+            self._abandon_ahead()
+            return None
+        if offset is not None and self._ahead[0][0] == offset:
             taken = [self._ahead.pop(0)]
         else:
             taken, self._ahead = self._ahead, []
-        if not self._ahead and self._drain is not None:
-            drain, self._drain = self._drain, None
-            if _on_loop() is not None:
-                drain.stop()
-                drain.close()
-        if _on_loop() is None:
-            # Not called in the loop's thread, where the watcher lives: it
-            # could take in a reply this thread then waits for in poll().
-            # Dropping the connection ends their reads (settle() avoids
-            # this; it is a fallback).
-            log.debug("NBD read-ahead taken in off the event loop")
-            if self._h is not None:
-                self._drop()
+        if not self._ahead:
+            self._end_drain()
         got = None
-        for start, length, buf, cookies in taken:
-            ok = self._wait_ahead(start, cookies)
-            if ok and start == offset:
-                got = start, length, buf
-            else:
-                self._buffers.put(buf)
+        try:
+            while taken:
+                start, length, buf, cookies = taken[0]
+                ok = self._wait_ahead(start, cookies)
+                taken.pop(0)
+                if ok and start == offset:
+                    got = start, length, buf
+                else:
+                    self._buffers.put(buf)
+        except BaseException:
+            # Interrupted (the request was canceled): _wait_ahead dropped
+            # the connection, so nothing writes into these buffers now.
+            for entry in taken:
+                self._buffers.put(entry[2])
+            if got is not None:
+                self._buffers.put(got[2])
+            raise
         return got
+
+    def _abandon_ahead(self):
+        """
+        Read-aheads met off the event loop (settle() avoids this; it is a
+        fallback): the drain lives on the loop and could take in a reply
+        this thread would then wait for in poll(). The connection is
+        dropped with them (_drop).
+        """
+        log.warning("NBD read-ahead taken in off the event loop; reconnecting")
+        if self._h is not None:
+            self._drop()
+        else:
+            self._forget_ahead()
+
+    def _forget_ahead(self):
+        """
+        The connection is going: its read-aheads will never be taken in.
+        Their buffers go back once nothing can write into them, after the
+        drain has ended (on the loop, where it lives).
+        """
+        taken, self._ahead = self._ahead, []
+        drain, self._drain = self._drain, None
+
+        def give_back():
+            if drain is not None:
+                drain.close()
+            for entry in taken:
+                self._buffers.put(entry[2])
+
+        if drain is None or _on_loop() is not None:
+            give_back()
+        else:
+            drain.hub.loop.run_callback_threadsafe(give_back)
 
     def _wait_ahead(self, start, cookies):
         """Wait for the reads of one read-ahead; True if they all read."""
@@ -899,6 +925,7 @@ class NbdBackend:
 
     def _drop(self):
         """Forget a dead or stuck connection; the next call connects again."""
+        self._forget_ahead()
         h, self._h = self._h, None
         if self._unflushed:
             self._lost_writes = True
@@ -944,6 +971,48 @@ class _AheadBuffers:
 
 
 _ahead_buffers = _AheadBuffers(READ_AHEAD_SLOTS, READ_AHEAD_BYTES)
+
+
+class _Drain:
+    """
+    A watcher on the event loop that takes in the replies of an NBD
+    handle's commands whenever its socket is readable (a callback, no
+    greenlet), until none is in flight.
+    """
+
+    def __init__(self, h):
+        self.handle = h
+        self.hub = _on_loop()
+        self._watcher = self.hub.loop.io(h.aio_get_fd(), 1)
+        self._watcher.start(self._readable)
+
+    @property
+    def active(self):
+        return self._watcher.active
+
+    def pause(self):
+        self._watcher.stop()
+
+    def resume(self):
+        if not self._watcher.active:
+            self._watcher.start(self._readable)
+
+    def close(self):
+        self._watcher.stop()
+        self._watcher.close()
+
+    def _readable(self):
+        h = self.handle
+        try:
+            h.aio_notify_read()
+            done = not h.aio_in_flight() or h.aio_is_dead() or h.aio_is_closed()
+        except Exception:
+            # A callback of the loop must not raise (it would be called
+            # again and again); the next call finds out what went wrong
+            # and reports it.
+            done = True
+        if done:
+            self._watcher.stop()
 
 
 class _SpareBuffers:

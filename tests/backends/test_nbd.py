@@ -571,6 +571,59 @@ def test_read_ahead_server_hangs(qemu_nbd, chain, ahead_buffers):
         b.close()
 
 
+def test_read_aheads_end_with_their_connection(qemu_nbd, chain, monkeypatch):
+    # A read elsewhere leaves the read-aheads in flight; if it then loses
+    # the connection, they go with it: their buffers come back, and the
+    # next connection reads afresh (never waiting for, or sending, what was
+    # asked on the lost one).
+    pool = nbd_backend._AheadBuffers(3, 256 * KiB)
+    monkeypatch.setattr(nbd_backend, "_ahead_buffers", pool)
+    top, _, _ = chain
+    content = guest_bytes(top)
+    server = qemu_nbd(top, read_only=True)
+    b = open_nbd(server.url(), "r", timeout_s=0.5)
+    try:
+        on_loop(b.read_ahead, 0)
+        assert [e[0] for e in b._ahead] == [64 * KiB, 4 * MiB]
+        deadline = time.monotonic() + 5
+        while b._h.aio_in_flight() and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        server.kill(signal.SIGSTOP)
+        with pytest.raises(errors.StorageError):
+            on_loop(b.readinto, MiB, bytearray(100 * KiB))
+        assert b._h is None and not b._ahead and b._drain is None
+        assert len(pool._free) == pool._made
+        server.kill(signal.SIGCONT)
+        assert on_loop(b.read_ahead_view, 64 * KiB, 100) is None
+        buf = bytearray(100 * KiB)
+        assert on_loop(b.readinto, 64 * KiB, buf) == len(buf)
+        assert buf == content[64 * KiB:164 * KiB]
+    finally:
+        server.kill(signal.SIGCONT)
+        b.close()
+
+
+def test_read_aheads_met_off_the_loop(qemu_nbd, chain, monkeypatch):
+    # A call in a pool thread with read-aheads in flight (the service
+    # calls settle() first; this is the fallback): the connection goes
+    # with them, their buffers come back through the loop, and the call
+    # reads on a new connection.
+    pool, content, b = read_only_backend(monkeypatch, qemu_nbd, chain, 3)
+    try:
+        on_loop(b.read_ahead, 0)
+        assert len(b._ahead) == 2
+        buf = bytearray(100 * KiB)
+        assert gevent.get_hub().threadpool.apply(b.readinto, (64 * KiB, buf)) == len(buf)
+        assert buf == content[64 * KiB:164 * KiB]
+        assert not b._ahead and b._drain is None
+        deadline = time.monotonic() + 5
+        while len(pool._free) < pool._made and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        assert len(pool._free) == pool._made
+    finally:
+        b.close()
+
+
 def test_read_from_read_ahead_leases_no_buffers(qemu_nbd, chain, ahead_buffers):
     # ops.read of a range all in what was read ahead sends it from the
     # read-ahead buffer and leases no transfer buffers; a range going past
