@@ -54,16 +54,20 @@ class BufferPool:
         each: the largest power-of-two fraction of it that is within this
         borrower's fair share of the budget and free in the area.
         """
+        size = self.size_for(max_size, count)
+        bufs = [self._take(size) for _ in range(count)]
+        self.borrowers += 1
+        return bufs
+
+    def size_for(self, max_size, count=2):
+        """The size of each buffer get(max_size, count) would give now."""
         share = self.budget_bytes // (self.borrowers + 1)
         size = max_size
         while size > MIN_SIZE_BYTES and (
                 count * size > share or
                 self._runs(_granules(size)) < count):
             size //= 2
-        size = max(size, min(max_size, MIN_SIZE_BYTES))
-        bufs = [self._take(size) for _ in range(count)]
-        self.borrowers += 1
-        return bufs
+        return max(size, min(max_size, MIN_SIZE_BYTES))
 
     def put(self, bufs):
         """Give back the buffers of one get()."""

@@ -98,16 +98,12 @@ class Client:
                 # first start aligned for O_DIRECT.
                 need = max(need_bytes, buffers.MIN_SIZE_BYTES)
                 size = min(size, 1 << (need - 1).bit_length())
-                if need_bytes <= size:
+                if pool.size_for(size, 1) >= need_bytes:
                     # The range fits in one buffer: a second, to take the
                     # next chunk while this one is sent, would never be
                     # used, only kept from other transfers and from the
                     # NBD read-ahead.
-                    one = pool.get(size, 1)
-                    if len(one[0]) >= need_bytes:
-                        self._buffers = one
-                        return [memoryview(one[0])]
-                    pool.put(one)
+                    count = 1
             self._buffers = pool.get(size, count)
         return [memoryview(b) for b in self._buffers[:count]]
 

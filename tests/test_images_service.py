@@ -127,7 +127,10 @@ def test_a_read_leases_what_its_range_needs(registry, image):
     # Two transfers hold the whole budget: a third gets what is left,
     # two buffers if one is too small for its range.
     others = [service.buffer_pool.get(8 * MiB, 1), service.buffer_pool.get(8 * MiB, 1)]
+    mapped = service.buffer_pool.allocations
     assert [len(b) for b in client.buffers(need_bytes=2 * MiB)] == [MiB, MiB]
+    # Decided before mapping: no buffer is mapped only to be given back.
+    assert service.buffer_pool.allocations == mapped + 2
     client.release_buffers()
     for bufs in others:
         service.buffer_pool.put(bufs)
