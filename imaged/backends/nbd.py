@@ -63,10 +63,11 @@ useless 2 MiB read: 4 KiB GETs at random offsets took 2.1 ms each instead
 of 0.55 (ovirt-imageio 0.4-0.5). Meanwhile a watcher on the event loop takes in their replies
 as they come (qemu-nbd can only get ~208 KiB ahead into a unix socket, its
 send buffer), so the loop receives them while it would otherwise wait for
-the client. A GET of that offset sends them from the read-ahead buffer
-(read_ahead_view); any other call first takes them in and gives the
-buffer back (settle() does that on the event loop's thread, which the
-images service calls before it calls the backend in a pool thread). A
+the client. A GET of the first one's offset sends it from its buffer
+(read_ahead_view); a read elsewhere on the loop leaves them in flight;
+any other call first takes them in and gives the buffers back (settle()
+does that on the event loop's thread, which the images service and
+ops.read call before they call the backend in a pool thread). A
 read-only export cannot change under imaged (qemu-nbd --read-only, or a
 backup export of a point-in-time node), so data read a request early is
 the data the request would get; writable exports get no read-ahead.
@@ -652,6 +653,10 @@ class NbdBackend:
                 self._settle_ahead()
         self._expected = None
 
+    def _ahead_at(self, offset):
+        """Whether the oldest read-ahead read at `offset`."""
+        return bool(self._ahead) and self._ahead[0][0] == offset
+
     def _settle_ahead(self, offset=None):
         """
         Take in read-aheads: the oldest one if it read at `offset` (the
@@ -665,7 +670,7 @@ class NbdBackend:
         if _on_loop() is None:
             self._abandon_ahead()
             return None
-        if offset is not None and self._ahead[0][0] == offset:
+        if self._ahead_at(offset):
             taken = [self._ahead.pop(0)]
         else:
             taken, self._ahead = self._ahead, []
@@ -754,8 +759,7 @@ class NbdBackend:
         read-aheads stay in flight; elsewhere, or with no `offset`, all are
         taken in.
         """
-        if offset is not None and _on_loop() is not None and \
-                not (self._ahead and self._ahead[0][0] == offset):
+        if offset is not None and _on_loop() is not None and not self._ahead_at(offset):
             return 0
         got = self._settle_ahead(offset)
         if got is None:
@@ -774,13 +778,12 @@ class NbdBackend:
         """
         Called as a GET of [offset, offset + length) starts. If a
         read-ahead read at `offset`: a view of up to `length` bytes of
-        what it read, valid until release_ahead(); else None (and the
-        read-aheads are left to the next call). Saves the copy readinto()
-        makes: ~0.1 ms per request of the sparse download, 10% of
-        imaged's Python samples (py-spy) with the copy.
+        what it read, valid until release_ahead(); else None. Saves the
+        copy readinto() makes: ~0.1 ms per request of the sparse
+        download, 10% of imaged's Python samples (py-spy) with the copy.
         """
         self._follow(offset)
-        if not self._ahead or self._ahead[0][0] != offset:
+        if not self._ahead_at(offset):
             return None
         got = self._settle_ahead(offset)
         if got is None:
