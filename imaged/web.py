@@ -17,6 +17,7 @@ import logging
 
 import bottle
 
+from . import config
 from . import errors
 from . import transport
 
@@ -205,13 +206,15 @@ class StreamResponse:
 
     The connection is corked while the body streams (see transport.Link.cork)
     and uncorked as soon as the last chunk is handed over, so the tail never
-    waits.
+    waits. A body of known `length` up to config.SMALL_BODY_BYTES is not
+    corked: its first item is the whole first chunk, sent with the head.
     """
 
-    def __init__(self, chunks, link):
+    def __init__(self, chunks, link, length=None):
         self._chunks = chunks
         self._link = link
         self._copy = link.detached
+        self._small = length is not None and length <= config.SMALL_BODY_BYTES
         self._rest = None
         self._started = False
         self._corked = False
@@ -225,6 +228,8 @@ class StreamResponse:
             first = next(self._chunks, None)
             if first is None:
                 raise StopIteration
+            if self._small:
+                return bytes(first)
             self._rest = first[1:]
             self._link.cork(True)
             self._corked = True

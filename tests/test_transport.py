@@ -14,6 +14,7 @@ import gevent
 import gevent.socket
 import pytest
 
+from imaged import config
 from imaged import transport
 from tests.hardening_helpers import (
     KiB, MiB, connect, digest, read_response, response_or_none,
@@ -389,6 +390,40 @@ def test_header_deadline_is_disarmed(data, status):
         assert not h._header_deadline.pending
 
 
+def sized_body_app(environ, start_response):
+    body = b"x" * int(environ["PATH_INFO"].strip("/"))
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+
+
+def test_response_head_goes_out_with_a_small_first_piece():
+    # On a SOCK_SEQPACKET pair every write arrives as its own message.
+    a, b = gevent.socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = transport.Server(("127.0.0.1", 0), sized_body_app,
+                              handler_class=transport.Handler)
+    g = gevent.spawn(server.handle, a, "")
+    try:
+        with b:
+            for length in (1, config.SMALL_BODY_BYTES):
+                b.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % length)
+                m = b.recv(2 * MiB)
+                assert m.startswith(b"HTTP/1.1 200 OK\r\n")
+                assert m.endswith(b"\r\n\r\n" + b"x" * length)
+            # A larger piece is not copied: the head leaves first.
+            length = config.SMALL_BODY_BYTES + 1
+            b.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % length)
+            m = b.recv(2 * MiB)
+            assert b"Content-Length: %d\r\n" % length in m and m.endswith(b"\r\n\r\n")
+            assert b.recv(2 * MiB) == b"x" * length
+            # No body: the head alone.
+            b.sendall(b"GET /0 HTTP/1.1\r\nHost: x\r\n\r\n")
+            m = b.recv(2 * MiB)
+            assert b"Content-Length: 0\r\n" in m and m.endswith(b"\r\n\r\n")
+    finally:
+        g.join(timeout=5)
+        assert g.dead
+
+
 def test_head_is_parsed_into_headers():
     h, a, b = handler_on(b"GET /images/x?flush=y HTTP/1.1\r\nHost: x\r\n"
                          b"Range: bytes=0-1\r\nX-A: 1\r\nx-a: 2\r\n\r\n")
@@ -410,3 +445,23 @@ def test_header_deadline_fires_and_is_disarmed():
         assert h._read_head()[0] == 408
         assert time.monotonic() - start < 0.2 + SLACK_S
         assert not h._header_deadline.pending
+
+
+def test_header_deadline_is_armed_again_for_each_head():
+    # One deadline serves every request of a connection: cancelled after a
+    # head that came in time, it must fire for a later head that does not.
+    h, a, b = handler_on(b"GET /images/x HTTP/1.1\r\nHost: x\r\n\r\n"
+                         b"GET /images/y HTTP/1.1\r\n", shut=False)
+    h.header_timeout_s = 0.2
+    with a, b:
+        assert h._read_head() is None
+        first = h._header_deadline
+        # Longer than the deadline between the heads: only the time a head
+        # takes counts.
+        gevent.sleep(0.3)
+        start = time.monotonic()
+        with gevent.Timeout(0.2 + SLACK_S):     # Not armed: no hang.
+            assert h._read_head()[0] == 408
+        assert time.monotonic() - start >= 0.15
+        assert h._header_deadline is first
+        assert not first.pending

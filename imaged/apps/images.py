@@ -127,7 +127,7 @@ class Image:
             status = 206
             headers["Content-Range"] = \
                 f"bytes {offset}-{offset + length - 1}/{session.size}"
-        body = web.StreamResponse(chunks, transport.link(bottle.request.environ))
+        body = web.StreamResponse(chunks, transport.link(bottle.request.environ), length)
         return bottle.HTTPResponse(body, status=status, **headers)
 
     def put(self, session_id):
