@@ -94,6 +94,7 @@ offsets, so each step advances by what every context covered.
 
 import contextlib
 import errno
+import functools
 import _socket
 import logging
 import os
@@ -249,6 +250,8 @@ class NbdBackend:
         # The data runs of the last window looked up for read-ahead, and
         # where that window ended (see _next_data).
         self._runs = [], 0
+        # The deadline of request waits on the event loop (_start_timer).
+        self._timer = None
         self._h = self._connect()
 
     # Connecting
@@ -547,6 +550,9 @@ class NbdBackend:
         """Disconnect from the server. Safe to call more than once."""
         self._take_ahead()
         self.release_ahead()
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.close()
         h, self._h = self._h, None
         if h is None:
             return
@@ -816,26 +822,60 @@ class NbdBackend:
 
     def _wait(self, h, *cookies):
         first = None
-        with contextlib.ExitStack() as stack:
-            wait = None
+        hub = _on_loop()
+        deadline = timer = None
+        try:
             for cookie in cookies:
                 try:
                     # Commands already done (a read-ahead's, whose replies the
                     # watcher took in while the loop waited for the client)
-                    # are retired without setting up a deadline: its timer
-                    # and context managers were ~4% of imaged's Python samples
-                    # in the sparse download (py-spy --gil).
-                    if not h.aio_command_completed(cookie):
-                        if wait is None:
-                            wait = stack.enter_context(self._deadline("request"))
-                        wait(h, lambda: h.aio_command_completed(cookie))
+                    # are retired without setting up a deadline.
+                    if h.aio_command_completed(cookie):
+                        continue
+                    done = functools.partial(h.aio_command_completed, cookie)
+                    if hub is None:
+                        if deadline is None:
+                            deadline = time.monotonic() + self._timeout_s
+                        _wait_polling(h, done, deadline, "request", self._timeout_s)
+                    else:
+                        if timer is None:
+                            timer = self._start_timer()
+                        _wait_on_loop(hub, h, done)
                 except libnbd.Error as e:
                     if first is None:
                         first = e
                     if h.aio_is_dead() or h.aio_is_closed():
                         break
+        except Timeout:
+            if timer is self._timer:
+                # It fired: a new one for the next wait, not an exception
+                # raised again with this one's traceback.
+                self._timer = None
+            raise
+        finally:
+            if timer is self._timer and timer is not None:
+                timer.cancel()      # Kept for the next wait.
+            elif timer is not None:
+                timer.close()       # A nested wait's own, or one that fired.
         if first is not None:
             raise first
+
+    def _start_timer(self):
+        """
+        Start the deadline of a request wait on the event loop: a gevent
+        timer raising Timeout in this greenlet. One per backend, reused:
+        with the context managers it replaced, a new timer per wait was
+        ~5% of imaged's Python samples answering 4 KiB GETs (py-spy --gil).
+        A nested wait, finding it running, gets one of its own.
+        """
+        timer = self._timer
+        if timer is None or timer.pending:
+            timer = gevent.Timeout(self._timeout_s, Timeout(
+                f"no answer to request within {self._timeout_s:g} s"))
+            if self._timer is None:
+                self._timer = timer
+        timer.start()
+        return timer
 
     @contextlib.contextmanager
     def _deadline(self, what, timeout_s=None):
@@ -851,17 +891,7 @@ class NbdBackend:
             with _loop_deadline(timeout_s, what):
                 yield lambda h, done: _wait_on_loop(hub, h, done)
             return
-
-        def wait(h, done):
-            while not done():
-                if h.aio_is_dead() or h.aio_is_closed():
-                    raise libnbd.Error("the NBD connection is closed", errno.ENOTCONN)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Timeout(f"no answer to {what} within {timeout_s:g} s")
-                h.poll(max(1, int(remaining * 1000)))
-
-        yield wait
+        yield lambda h, done: _wait_polling(h, done, deadline, what, timeout_s)
 
     def _zero_step(self, h, offset, length, flags):
         if not self._no_fast_zero and h.can_fast_zero():
@@ -1091,6 +1121,17 @@ def _loop_deadline(timeout_s, what):
         yield
     finally:
         timer.close()
+
+
+def _wait_polling(h, done, deadline, what, timeout_s):
+    """Make progress on `h` in libnbd's poll() until done(), or Timeout at monotonic `deadline`."""
+    while not done():
+        if h.aio_is_dead() or h.aio_is_closed():
+            raise libnbd.Error("the NBD connection is closed", errno.ENOTCONN)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Timeout(f"no answer to {what} within {timeout_s:g} s")
+        h.poll(max(1, int(remaining * 1000)))
 
 
 def _wait_on_loop(hub, h, done):

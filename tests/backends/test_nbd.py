@@ -400,6 +400,13 @@ def test_reads_on_the_event_loop(qemu_nbd, chain):
         buf = bytearray(10)
         assert gevent.spawn(b.readinto, 0, buf).get() == 10
         assert buf == content[:10]
+        # The request deadline is armed again after it fired.
+        server.kill(signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(errors.StorageError) as e:
+            gevent.spawn(b.readinto, MiB, bytearray(MiB)).get()
+        assert 0.4 < time.monotonic() - start < 5
+        assert "no answer to request within 0.5 s" in e.value.message
     finally:
         server.kill(signal.SIGCONT)
         t.kill()
