@@ -50,6 +50,13 @@ with 4 connections, killed (SIGKILL) once it reported half of it sent, then
 finished with `--resume`; the time of that second run against a whole
 upload started over.
 
+NBD rows (issue 16). imaged and ovirt-imageio read and write the same
+qemu-nbd export of a qcow2 (started as a host agent starts it; each PUT
+into a new empty qcow2). The rows over the local socket also run nbdcopy
+(libnbd's copier, in C, no HTTP) on that export: what the export gives
+any client, so the ceiling of both daemons there. In its column "server
+CPU" and peak RSS are nbdcopy's own.
+
 Interleaving. For each transfer kind, the repetitions alternate between the
 servers: imaged, peer(s), imaged, peer(s), ... so a drift of the machine
 (absolute numbers here drift up to 2x between runs) hits every server
@@ -123,6 +130,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -786,6 +794,19 @@ class ClientPeer:
         return self.server.pids()
 
 
+class NbdCopy:
+    """
+    nbdcopy (libnbd's copier, in C, no HTTP) on the export of an NBD row:
+    what the export itself gives a client, the ceiling of both daemons on
+    that row. No server: its "server CPU" and peak RSS are nbdcopy's own.
+    """
+
+    name = "nbdcopy"
+
+    def pids(self):
+        return []
+
+
 # Transfers.
 
 class Transfer:
@@ -1186,6 +1207,9 @@ class Bench:
 
     def nbd_get(self, unix):
         def fn(server, rep):
+            if server.name == NbdCopy.name:
+                uri = f"nbd+unix:///?socket={self.nbd['get'].socket}"
+                return self.nbdcopy([uri, "null:"], self.args.size)
             t = self.tickets[server.name]["nbd-get"]
             if unix:
                 return self.curl_get(server, "http://localhost/images/" + t,
@@ -1197,15 +1221,20 @@ class Bench:
         def fn(server, rep):
             size = self.args.size
             self.new_upload_target()
-            t = self.tickets[server.name]["nbd-put"]
-            if unix:
-                url, extra = "http://localhost/images/" + t, ["--unix-socket", server.unix_socket]
+            if server.name == NbdCopy.name:
+                uri = f"nbd+unix:///?socket={self.nbd['put'].socket}"
+                tr = self.nbdcopy(["--flush", self.big, uri], size)
             else:
-                url, extra = server.https_url + t, []
-            tr = measured(server, lambda: (curl_time(
-                curl_base(server) + extra + ["-o", "/dev/null", "-T", self.big,
-                                             "-X", "PUT", url + "?flush=y"],
-                self.timeout_for(size), size), size))
+                t = self.tickets[server.name]["nbd-put"]
+                if unix:
+                    url = "http://localhost/images/" + t
+                    extra = ["--unix-socket", server.unix_socket]
+                else:
+                    url, extra = server.https_url + t, []
+                tr = measured(server, lambda: (curl_time(
+                    curl_base(server) + extra + ["-o", "/dev/null", "-T", self.big,
+                                                 "-X", "PUT", url + "?flush=y"],
+                    self.timeout_for(size), size), size))
             # The guest view of the qcow2 is the source (the export keeps
             # running: -U shares its image).
             p = subprocess.run(["qemu-img", "compare", "-U", "-q", "-f", "qcow2", "-F", "raw",
@@ -1216,6 +1245,30 @@ class Bench:
                                  f"qemu-img compare exited with {p.returncode}")
             return tr
         return fn
+
+    def nbdcopy(self, argv, nbytes):
+        """
+        Run nbdcopy ARGV; a Transfer with nbdcopy's own CPU time and peak
+        RSS in the place of a server's.
+        """
+        busy0 = machine_busy_seconds()
+        with open(os.path.join(self.out, "nbdcopy.out"), "ab") as out:
+            t0 = time.monotonic()
+            proc = subprocess.Popen(["nbdcopy"] + argv, stdout=out, stderr=out)
+            killer = threading.Timer(self.timeout_for(nbytes), proc.kill)
+            killer.start()
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            finally:
+                killer.cancel()
+            seconds = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise BenchError(f"nbdcopy {' '.join(argv)} exited with {proc.returncode}; "
+                             f"see {self.out}/nbdcopy.out")
+        cpu = usage.ru_utime + usage.ru_stime
+        other = max(0.0, machine_busy_seconds() - busy0 - cpu)
+        return Transfer(seconds, nbytes, cpu, usage.ru_maxrss / 1024, 0.0, True, other)
 
     def client_run(self, argv, nbytes):
         t0 = time.monotonic()
@@ -1376,15 +1429,18 @@ class Bench:
                           [imaged] + ovirt, self.client_download(1, sparse=True), sparse))
         if self.nbd:
             sq = "NBD qcow2"
+            # The export's own pace, without HTTP: the ceiling of the rows
+            # over the local socket, where nothing else (TLS) limits.
+            nbdcopy = [NbdCopy()] if shutil.which("nbdcopy") else []
             cases += [
                 Case("nbd-https-get", f"{sq}: HTTPS GET (curl)", [imaged] + ovirt,
                      self.nbd_get(unix=False), size),
                 Case("nbd-https-put", f"{sq}: HTTPS PUT flush (curl)", [imaged] + ovirt,
                      self.nbd_put(unix=False), size),
-                Case("nbd-unix-get", f"{sq}: unix socket GET (curl)", [imaged] + ovirt,
+                Case("nbd-unix-get", f"{sq}: unix socket GET (curl)", [imaged] + ovirt + nbdcopy,
                      self.nbd_get(unix=True), size),
-                Case("nbd-unix-put", f"{sq}: unix socket PUT flush (curl)", [imaged] + ovirt,
-                     self.nbd_put(unix=True), size),
+                Case("nbd-unix-put", f"{sq}: unix socket PUT flush (curl)",
+                     [imaged] + ovirt + nbdcopy, self.nbd_put(unix=True), size),
                 Case("nbd-client-sparse-download",
                      f"{sq}: client sparse download ({sparse / GiB:.3g} GiB, "
                      f"{self.sparse_data / sparse:.0%} data)", [imaged] + ovirt,
@@ -1645,11 +1701,11 @@ def fmt(v, spec):
     return "—" if v is None else format(v, spec)
 
 
-PEERS = ("nginx", "ovirt-imageio")
+PEERS = ("nginx", "ovirt-imageio", NbdCopy.name)
 
 
-def table(cases, servers):
-    names = ["imaged"] + [p for p in PEERS if p in servers]
+def table(cases):
+    names = ["imaged"] + [p for p in PEERS if any(c.samples.get(p) for c in cases)]
     head = ["transfer"] + [f"{n} GB/s" for n in names] + \
         [f"imaged/{p}" for p in names[1:]] + \
         ["server CPU s (" + " / ".join(names) + ")",
@@ -1981,7 +2037,7 @@ def render(args, bench, cases, idle, limits_start, limits_end, tls, profiles, st
            f"Images: random {args.size / GiB:.3g} GiB; sparse {args.sparse_size / GiB:.3g} GiB "
            f"with {bench.sparse_data / MiB:.0f} MiB data. Medians of {args.reps} "
            f"interleaved repetitions; GB/s = 10^9 bytes/s; every transfer verified.",
-           "", table([c for c in cases if not c.key.startswith("proxy-")], bench.servers),
+           "", table([c for c in cases if not c.key.startswith("proxy-")]),
            ""]
     if resume:
         out += [f"Resume row: an upload of {resume['size'] / GiB:.3g} GiB (random, 4 conn) "

@@ -35,6 +35,11 @@ def test_bench_smoke(tmp_path):
                      p.stdout)
     assert "Resume row: an upload of" in p.stdout
     assert "Machine limits" in p.stdout
+    if "NBD qcow2" in p.stdout:
+        # Issue 16: the export's own pace (nbdcopy) beside imaged's.
+        assert "| imaged/nbdcopy |" in p.stdout
+        assert re.search(r"\| NBD qcow2: unix socket PUT flush \(curl\) +\| \d+\.\d+ .*"
+                         r"\| \d+\.\d+×", p.stdout)
     # Issue 19's targets on server CPU per byte, with imaged's and the peer's.
     assert re.search(r"HTTPS PUT flush \(curl\): server CPU ≤ 0.85× ovirt-imageio's: "
                      r"(\d+\.\d+× \(\d+\.\d+ / \d+\.\d+ s\)|not measured)", p.stdout)
