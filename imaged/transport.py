@@ -841,9 +841,12 @@ class Handler(pywsgi.WSGIHandler):
         self._head_held = True
         try:
             super()._write_with_headers(data)
+            head = self._head
         finally:
+            # Also after a failure: a head held back must never be sent
+            # with a later response.
             self._head_held = False
-        head, self._head = self._head, None
+            self._head = None
         if head is not None:
             self._sendall(head)     # No piece came (an empty body).
 
