@@ -160,6 +160,34 @@ def test_read_write(daemon, qemu_nbd, chain, transport):
     assert guest_bytes(top) == bytes(content)
 
 
+def libnbd_mapped(pid):
+    with open(f"/proc/{pid}/maps") as f:
+        return "libnbd.so" in f.read()
+
+
+def test_libnbd_loaded_with_the_first_nbd_session(make_daemon, qemu_nbd, chain, tmp_path):
+    # libnbd and the libraries it brings (4 MiB of RSS) wait for the
+    # first NBD backend: a daemon serving files does without them.
+    d = make_daemon()
+    path = tmp_path / "file.raw"
+    path.write_bytes(b"x" * MiB)
+    tr = Transport(d, "tls")
+    s = tr.session()
+    sid = d.add_session(str(path), ops=["read"])
+    assert s.get(tr.url(sid)).content == b"x" * MiB
+    # An NBD URL is checked without it too.
+    body = {"url": "nbd:unix:relative.sock", "size": MiB, "ops": ["read"], "timeout": 60}
+    r = control(d).put(d.control_url + str(uuid.uuid4()), data=json.dumps(body))
+    assert r.status_code == 400
+    assert not libnbd_mapped(d.pid)
+    top, _, content = chain
+    server = qemu_nbd(top)
+    sid = add_session(d, server.url(), CHAIN_SIZE)
+    r = s.get(tr.url(sid), headers={"Range": "bytes=0-99"})
+    assert r.status_code == 206 and r.content == content[:100]
+    assert libnbd_mapped(d.pid)
+
+
 def test_curl(daemon, qemu_nbd, chain, tmp_path):
     top, _, content = chain
     server = qemu_nbd(top)
