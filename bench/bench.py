@@ -1807,6 +1807,12 @@ def targets_report(cases, servers, idle, smoke):
         lines.append(f"{goal}: not measured" if r is None else
                      f"{goal}: {r:.2f}× ({mine:.2f} / {theirs:.2f} s) — "
                      f"{'met' if r <= most else 'MISSED'}")
+    for c in cases:
+        # Not a target: where imaged stands against the export itself.
+        title, r, _, _ = ratio(c.key, NbdCopy.name, "gbps")
+        if r is not None:
+            lines.append(f"- {title}: {r:.2f}× nbdcopy on the same export "
+                         f"(the export's ceiling; for reading the ratios above)")
     peaks = [t.peak for c in cases for t in c.samples.get("imaged", [])]
     if peaks:
         p = max(peaks)

@@ -38,6 +38,8 @@ def test_bench_smoke(tmp_path):
     if "NBD qcow2" in p.stdout:
         # Issue 16: the export's own pace (nbdcopy) beside imaged's.
         assert "| imaged/nbdcopy |" in p.stdout
+        assert re.search(r"unix socket GET \(curl\): \d+\.\d+× nbdcopy on the same export",
+                         p.stdout)
         assert re.search(r"\| NBD qcow2: unix socket PUT flush \(curl\) +\| \d+\.\d+ .*"
                          r"\| \d+\.\d+×", p.stdout)
     # Issue 19's targets on server CPU per byte, with imaged's and the peer's.
