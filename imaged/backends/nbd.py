@@ -850,10 +850,11 @@ class NbdBackend:
                 self._timer = None
             raise
         finally:
-            if timer is self._timer and timer is not None:
-                timer.cancel()      # Kept for the next wait.
-            elif timer is not None:
-                timer.close()       # A nested wait's own, or one that fired.
+            if timer is not None:
+                if timer is self._timer:
+                    timer.cancel()      # Kept for the next wait.
+                else:
+                    timer.close()       # A nested wait's own, or one that fired.
         if first is not None:
             raise first
 
@@ -867,8 +868,7 @@ class NbdBackend:
         """
         timer = self._timer
         if timer is None or timer.pending:
-            timer = gevent.Timeout(self._timeout_s, Timeout(
-                f"no answer to request within {self._timeout_s:g} s"))
+            timer = gevent.Timeout(self._timeout_s, _no_answer("request", self._timeout_s))
             if self._timer is None:
                 self._timer = timer
         timer.start()
@@ -1125,12 +1125,16 @@ def _on_loop():
 @contextlib.contextmanager
 def _loop_deadline(timeout_s, what):
     """One gevent timer for a whole wait: raises Timeout in the waiting greenlet."""
-    timer = gevent.Timeout(timeout_s, Timeout(f"no answer to {what} within {timeout_s:g} s"))
+    timer = gevent.Timeout(timeout_s, _no_answer(what, timeout_s))
     timer.start()
     try:
         yield
     finally:
         timer.close()
+
+
+def _no_answer(what, timeout_s):
+    return Timeout(f"no answer to {what} within {timeout_s:g} s")
 
 
 def _wait_polling(h, done, deadline, what, timeout_s):
@@ -1140,7 +1144,7 @@ def _wait_polling(h, done, deadline, what, timeout_s):
             raise libnbd.Error("the NBD connection is closed", errno.ENOTCONN)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise Timeout(f"no answer to {what} within {timeout_s:g} s")
+            raise _no_answer(what, timeout_s)
         h.poll(max(1, int(remaining * 1000)))
 
 
